@@ -1,0 +1,44 @@
+"""`spineseg-train`: a thin Hydra entry point around `spineseg.train.train`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
+from spineseg.cli.common import CONF_DIR
+from spineseg.errors import SpinesegError
+
+log = logging.getLogger("spineseg.train")
+
+
+def _in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from spineseg.train import record_failure, train
+
+    try:
+        manifest = train(cfg)
+    except Exception as err:
+        record_failure(cfg, err)
+        if _in_sweep():
+            # One failed model must not sink the sweep: it is recorded and summarised.
+            log.error("%s failed: %s: %s", cfg.model.name, type(err).__name__, err)
+            return None
+        if isinstance(err, SpinesegError):
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        raise
+    return (manifest.get("val_metrics") or {}).get("dice")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: sources -> samples -> working-resolution arrays -> DataModule."""

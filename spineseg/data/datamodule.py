@@ -1,0 +1,351 @@
+"""`SpineDataModule`: any source as the internal set (split 70/10/20 by patient) and any
+source as the external, test-only set; decoded, resized and preprocessed once, cached."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from spineseg.data import geometry as G
+from spineseg.data import transforms as T
+from spineseg.data.sample import Sample
+from spineseg.data.sources import build_source
+from spineseg.data.splits import (
+    check_disjoint,
+    read_splits_csv,
+    split_by_patient,
+    write_splits_csv,
+)
+from spineseg.errors import ConfigError, DataError, choices_message
+from spineseg.utils.io import atomic_open, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("region", "vertebrae")
+CACHE_VERSION = 1
+_MEMORY_CACHE: dict[str, Prepared] = {}
+
+
+@dataclass
+class Prepared:
+    """One source's films at working resolution, preprocessed, ready for any split."""
+
+    ids: list[str]
+    patients: list[str]
+    forced: list[str | None]
+    images: np.ndarray  # uint8 (N,H,W)
+    labels: np.ndarray  # uint8 (N,H,W), 0..4 (or 0..1 where binary)
+    binary: np.ndarray  # bool (N,): the source only had the region
+    spacing: np.ndarray  # float32 (N,2) mm per working pixel, NaN if unknown
+    geometry: list[dict] = field(default_factory=list)
+
+    def subset(self, keep: list[int]) -> Prepared:
+        idx = np.asarray(keep, dtype=np.int64)
+        return Prepared(
+            [self.ids[i] for i in keep],
+            [self.patients[i] for i in keep],
+            [self.forced[i] for i in keep],
+            self.images[idx],
+            self.labels[idx],
+            self.binary[idx],
+            self.spacing[idx],
+            [self.geometry[i] for i in keep],
+        )
+
+    def masks(self, target: str) -> np.ndarray:
+        """The exact masks the model learns and metrics use, for `target`."""
+        if target == "region":
+            return (self.labels > 0).astype(np.uint8)
+        if self.binary.any():
+            bad = self.ids[int(np.argmax(self.binary))]
+            raise DataError(
+                bad, "target=vertebrae needs masks labelled 1..4 (Th8..Th11); this one is binary"
+            )
+        return self.labels
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """16-bit films are min-max scaled to 8 bits (DICOM windowing happens before)."""
+    if image.dtype == np.uint8:
+        return image
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        return np.zeros(image.shape, np.uint8)
+    return np.round((image.astype(np.float32) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def prepare(
+    samples: list[Sample], image_size: tuple[int, int], resize: str, preprocess: str
+) -> Prepared:
+    H, W = image_size
+    n = len(samples)
+    images = np.empty((n, H, W), np.uint8)
+    labels = np.empty((n, H, W), np.uint8)
+    spacing = np.full((n, 2), np.nan, np.float32)
+    geoms = []
+    for k, s in enumerate(samples):
+        s.check()
+        img, lab, g = G.to_working(to_uint8(s.image), s.label, (H, W), resize)
+        images[k] = T.preprocess(img, preprocess)
+        labels[k] = lab
+        spacing[k] = G.working_spacing(s.spacing, g)
+        geoms.append(g.as_dict())
+    return Prepared(
+        [s.id for s in samples],
+        [s.patient_id for s in samples],
+        [s.split for s in samples],
+        images,
+        labels,
+        np.array([s.binary_label for s in samples], bool),
+        spacing,
+        geoms,
+    )
+
+
+def _fingerprint(root: str | None) -> list:
+    """Cheap change detector for a dataset folder: names, sizes and mtimes."""
+    if not root or not Path(root).is_dir():
+        return []
+    out = []
+    for dirpath, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            st = os.stat(os.path.join(dirpath, f))
+            out.append((os.path.relpath(os.path.join(dirpath, f), root), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _cache_key(spec: dict) -> str:
+    blob = json.dumps({**spec, "version": CACHE_VERSION, "files": _fingerprint(spec.get("root"))},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _save_prepared(path: Path, p: Prepared) -> None:
+    meta = {"ids": p.ids, "patients": p.patients, "forced": p.forced, "geometry": p.geometry}
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, images=p.images, labels=p.labels, binary=p.binary, spacing=p.spacing,
+                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+
+
+def _load_prepared(path: Path) -> Prepared | None:
+    try:
+        with np.load(path) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            return Prepared(meta["ids"], meta["patients"], meta["forced"], z["images"],
+                            z["labels"], z["binary"], z["spacing"], meta["geometry"])
+    except Exception as err:  # a corrupt cache is rebuilt, never trusted
+        log.warning("ignoring unreadable cache %s (%s)", path, err)
+        return None
+
+
+def load_source(
+    spec: dict,
+    image_size: tuple[int, int],
+    resize: str,
+    preprocess: str,
+    cache: str = "disk",
+    cache_dir: str | None = None,
+    on_error: str = "raise",
+    skipped: list | None = None,
+) -> Prepared:
+    """Decode + resize + preprocess a source once per process (memory) and once per
+    machine (disk cache keyed by source, its files, geometry and preprocessing)."""
+    name = spec.get("source")
+    root = spec.get("root")
+    if root is not None:
+        root = str(Path(root).expanduser().resolve())
+    key_spec = {"source": name, "root": root, "split": spec.get("split"),
+                "kwargs": dict(spec.get("source_kwargs") or {}), "size": list(image_size),
+                "resize": resize, "preprocess": preprocess}
+    key = _cache_key(key_spec)
+    if key in _MEMORY_CACHE:
+        return _MEMORY_CACHE[key]
+    path = Path(cache_dir or ".cache/spineseg") / f"{name}-{key}.npz"
+    prepared = _load_prepared(path) if cache == "disk" and path.exists() else None
+    if prepared is None:
+        kwargs = dict(spec.get("source_kwargs") or {})
+        if root is not None:
+            kwargs["root"] = root
+        if spec.get("split") is not None:
+            kwargs["split"] = spec["split"]
+        samples = build_source(name, on_error=on_error, skipped=skipped, **kwargs)
+        if not samples:
+            raise DataError(root, f"data source {name!r} yielded no films ({key_spec['kwargs']})")
+        prepared = prepare(samples, image_size, resize, preprocess)
+        if cache == "disk":
+            _save_prepared(path, prepared)
+    _MEMORY_CACHE[key] = prepared
+    return prepared
+
+
+class FilmDataset(Dataset):
+    """uint8 films + masks -> normalised float tensors; augmentation on the uint8 arrays."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, ids: list[str], augment=None):
+        self.images, self.masks, self.ids, self.augment = images, masks, ids, augment
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image, mask = self.images[i], self.masks[i]
+        if self.augment is not None:
+            out = self.augment(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)
+        x = (x - T.GRAY_MEAN) / T.GRAY_STD
+        return {"image": x[None], "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
+                "id": self.ids[i]}
+
+
+class SpineDataModule(L.LightningDataModule):
+    """Internal dataset split 70/10/20 by patient; external dataset test-only."""
+
+    def __init__(
+        self,
+        source: str = "synthetic",
+        root: str | None = None,
+        split: str | None = None,
+        source_kwargs: dict | None = None,
+        external: dict | None = None,
+        target: str = "region",
+        image_size: tuple[int, int] | list[int] = (256, 256),
+        resize: str = "stretch",
+        preprocess: str = "none",
+        augment: str = "light",
+        fractions: tuple[float, float, float] | list[float] = (0.7, 0.1, 0.2),
+        split_seed: int = 42,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        cache: str = "disk",
+        cache_dir: str | None = None,
+        on_error: str = "raise",
+        run_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if target not in TARGETS:
+            raise ConfigError(choices_message("target", target, list(TARGETS)))
+        if resize not in G.RESIZE_MODES:
+            raise ConfigError(choices_message("resize mode", resize, list(G.RESIZE_MODES)))
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(choices_message("on_error", on_error, ["raise", "skip"]))
+        if cache not in ("memory", "disk"):
+            raise ConfigError(choices_message("cache", cache, ["memory", "disk"]))
+        T.build_preprocess(preprocess)
+        T.build_augment(augment)
+        self.internal_spec = {"source": source, "root": root, "split": split,
+                              "source_kwargs": dict(source_kwargs or {})}
+        self.external_spec = dict(external) if external else None
+        self.target = target
+        self.image_size = G.check_size(image_size)
+        self.resize, self.preprocess, self.augment = resize, preprocess, augment
+        self.fractions, self.split_seed = tuple(fractions), split_seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.cache, self.cache_dir, self.on_error = cache, cache_dir, on_error
+        self.run_dir = run_dir
+        self.parts: dict[str, Prepared] = {}
+        self.skipped: list[tuple[str, str]] = []
+
+    # ------------------------------------------------------------------ setup
+    def _load(self, spec: dict) -> Prepared:
+        return load_source(spec, self.image_size, self.resize, self.preprocess, self.cache,
+                           self.cache_dir, self.on_error, self.skipped)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.parts:
+            return
+        internal = self._load(self.internal_spec)
+        patients = dict(zip(internal.ids, internal.patients, strict=True))
+        if len(set(internal.ids)) != len(internal.ids):
+            dup = next(i for i in internal.ids if internal.ids.count(i) > 1)
+            raise DataError(None, f"duplicated film id {dup!r} in the internal dataset")
+        assignment = self._splits(internal, patients)
+        check_disjoint(assignment, patients)
+        for name in ("train", "val", "test"):
+            keep = [k for k, i in enumerate(internal.ids) if assignment[i] == name]
+            if not keep:
+                raise DataError(None, f"the {name} split is empty ({len(internal.ids)} films, "
+                                      f"fractions {list(self.fractions)}); add films or change "
+                                      "data.fractions")
+            self.parts[name] = internal.subset(keep)
+        if self.external_spec:
+            self.parts["external"] = self._load(self.external_spec)
+        for name, part in self.parts.items():
+            part.masks(self.target)  # fail early: vertebrae target on binary masks
+            log.info("%s: %d films", name, len(part.ids))
+        self._write_skipped()
+
+    def _splits(self, internal: Prepared, patients: dict[str, str]) -> dict[str, str]:
+        path = Path(self.run_dir) / "splits.csv" if self.run_dir else None
+        if path is not None and path.exists():
+            saved = read_splits_csv(path)
+            if set(saved) == set(internal.ids):
+                log.info("reusing splits from %s", path)
+                return saved
+            raise DataError(path, "splits.csv does not match the dataset's film ids; it "
+                                  "belongs to another dataset (use a new run name)")
+        assignment = split_by_patient(internal.ids, internal.patients, self.fractions,
+                                      self.split_seed, internal.forced)
+        if path is not None:
+            write_splits_csv(path, assignment, patients)
+        return assignment
+
+    def _write_skipped(self) -> None:
+        if not self.skipped:
+            return
+        log.warning("%d files were skipped (on_error=skip)", len(self.skipped))
+        if self.run_dir:
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(["path", "problem"])
+            w.writerows(self.skipped)
+            atomic_write_text(Path(self.run_dir) / "skipped.csv", buf.getvalue())
+
+    # ------------------------------------------------------------------ loaders
+    @property
+    def split_names(self) -> list[str]:
+        """Splits that are predicted and stored: val, test and (when set) external."""
+        return [s for s in ("val", "test", "external") if s in self.parts]
+
+    def dataset(self, split: str, augment: bool = False) -> FilmDataset:
+        if split not in self.parts:
+            raise ConfigError(choices_message("split", split, list(self.parts)))
+        part = self.parts[split]
+        aug = T.build_augment(self.augment) if augment else None
+        return FilmDataset(part.images, part.masks(self.target), part.ids, aug)
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        return DataLoader(
+            self.dataset(split, augment=train),
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(self.parts[split].ids) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """Index 0 = internal test split, 1 = external set (when configured)."""
+        return [self._loader(s) for s in ("test", "external") if s in self.parts]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return [self._loader(s) for s in self.split_names]

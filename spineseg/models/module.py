@@ -1,0 +1,174 @@
+"""`SegmentationModule`: one pretrained encoder-decoder, its loss, optimiser and metrics.
+
+It knows nothing of ensembles: test and predict steps return probabilities that the
+ensemble callback and the prediction store consume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import lightning as L
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.segmentation import DiceScore, MeanIoU
+
+from spineseg.errors import ConfigError, choices_message
+from spineseg.models.factory import build_model
+from spineseg.models.losses import SegmentationLoss
+
+TARGETS = {"region": 1, "vertebrae": 5}
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 1e-4}
+DEFAULT_SCHEDULER = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 10}
+
+
+def probabilities(logits: torch.Tensor, target: str) -> torch.Tensor:
+    """Sigmoid for the one-channel region, softmax over the 5 vertebra classes."""
+    return torch.sigmoid(logits) if target == "region" else torch.softmax(logits, dim=1)
+
+
+def to_index(probs: torch.Tensor, target: str, threshold: float = 0.5) -> torch.Tensor:
+    """Probabilities -> label index (B,H,W).
+
+    torchmetrics 1.9 collapses single-channel float predictions to one class, so region
+    predictions are thresholded into {0,1} indices before any metric sees them.
+    """
+    if target == "region":
+        return (probs[:, 0] > threshold).long()
+    return probs.argmax(dim=1)
+
+
+def make_metrics(target: str) -> MetricCollection:
+    num_classes = 2 if target == "region" else TARGETS[target]
+    return MetricCollection(
+        {
+            "dice": DiceScore(
+                num_classes=num_classes,
+                include_background=False,
+                average="macro",
+                input_format="index",
+            ),
+            "iou": MeanIoU(num_classes=num_classes, include_background=False, input_format="index"),
+        }
+    )
+
+
+class SegmentationModule(L.LightningModule):
+    """Wraps `build_model(arch, encoder, weights)`; hyper-parameters are plain data so a
+    checkpoint loads with `weights_only=True`."""
+
+    def __init__(
+        self,
+        arch: str = "Unet",
+        encoder: str = "tu-efficientnet_lite0",
+        weights: str | None = "offline",
+        target: str = "region",
+        name: str | None = None,
+        in_channels: int = 1,
+        arch_kwargs: dict | None = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        threshold: float = 0.5,
+        channels_last: bool | str = "auto",
+    ) -> None:
+        super().__init__()
+        if target not in TARGETS:
+            raise ConfigError(choices_message("target", target, list(TARGETS)))
+        self.save_hyperparameters()
+        self.model_name = name or f"{arch}-{encoder}"
+        self.target = target
+        self.net = build_model(
+            arch, encoder, weights, in_channels, TARGETS[target], **(arch_kwargs or {})
+        )
+        self.loss = SegmentationLoss(target, dice_weight, ce_weight)
+        metrics = make_metrics(target)
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = torch.nn.ModuleList(
+            [metrics.clone(prefix="test/"), metrics.clone(prefix="external/")]
+        )
+        self._channels_last = False
+
+    # ------------------------------------------------------------------ core
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        wanted = self.hparams.channels_last
+        self._channels_last = bool(
+            wanted is True or (wanted == "auto" and self.device.type == "cuda")
+        )
+        if self._channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def _shared(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["image"])
+        return logits, self.loss(logits, batch["mask"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        _, loss = self._shared(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits, loss = self._shared(batch)
+        pred = to_index(probabilities(logits.float(), self.target), self.target,
+                        self.hparams.threshold)
+        self.val_metrics.update(pred, batch["mask"])
+        self.log("val/loss", loss, on_epoch=True, prog_bar=False,
+                 batch_size=batch["image"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        probs = probabilities(self(batch["image"]).float(), self.target)
+        metrics = self.test_metrics[min(dataloader_idx, 1)]
+        metrics.update(to_index(probs, self.target, self.hparams.threshold), batch["mask"])
+        return {"probs": probs, "target": batch["mask"], "ids": list(batch["id"])}
+
+    def on_test_epoch_end(self) -> None:
+        for metrics in self.test_metrics:
+            if metrics._update_count if hasattr(metrics, "_update_count") else True:
+                values = {k: v for k, v in metrics.compute().items() if torch.isfinite(v).all()}
+                self.log_dict(values, add_dataloader_idx=False)
+            metrics.reset()
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        probs = probabilities(self(batch["image"]).float(), self.target)
+        return {"probs": probs.to(torch.float16).cpu(), "ids": list(batch["id"])}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        opt_cfg = dict(self.hparams.optimizer or DEFAULT_OPTIMIZER)
+        optimizer = hydra.utils.instantiate(opt_cfg, params=self.parameters())
+        sched_cfg = self.hparams.scheduler
+        if not sched_cfg:
+            return optimizer
+        sched_cfg = dict(sched_cfg)
+        interval = sched_cfg.pop("interval", "epoch")
+        scheduler = hydra.utils.instantiate(sched_cfg, optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                          "interval": interval}}
+
+    # ------------------------------------------------------------------ safe reload
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> SegmentationModule:
+        """Rebuild from a checkpoint without fetching any encoder weights.
+
+        `weights_only=True` refuses pickled code, so a checkpoint from elsewhere cannot run
+        anything; the encoder is built with weights=None and filled from the state dict.
+        """
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        hparams = dict(ckpt.get("hyper_parameters", {}))
+        hparams["weights"] = None
+        module = cls(**hparams)
+        module.load_state_dict(ckpt["state_dict"])
+        return module.eval()

@@ -1,0 +1,197 @@
+"""Train one model: fit, test the best checkpoint, write its probabilities to the store.
+
+Idempotent and resumable: a model whose predictions are complete (for the same config) is
+skipped; an interrupted one resumes from `last.ckpt`; a failure is recorded in the
+model's manifest and, inside a sweep, does not stop the other models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from spineseg.data.datamodule import SpineDataModule
+from spineseg.ensemble.store import PredictionStore
+from spineseg.errors import ConfigError
+from spineseg.models.module import SegmentationModule
+
+log = logging.getLogger(__name__)
+
+#: Config sections that define what a stored model *is*; others (logging, paths,
+#: workers, launcher) may change between a run and its resumption.
+IDENTITY_KEYS = ("model", "module", "data", "seed")
+VOLATILE_DATA_KEYS = ("num_workers", "cache", "cache_dir", "on_error")
+
+
+def config_identity(cfg: DictConfig) -> dict[str, Any]:
+    ident = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
+             else cfg[k] for k in IDENTITY_KEYS}
+    for k in VOLATILE_DATA_KEYS:
+        ident["data"].pop(k, None)
+    ident["max_epochs"] = cfg.trainer.get("max_epochs")
+    return ident
+
+
+def config_hash(cfg: DictConfig) -> str:
+    blob = json.dumps(config_identity(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _usable_checkpoint(path: Path) -> bool:
+    """A checkpoint torn by a kill mid-write is ignored rather than crashing the resume."""
+    if not path.is_file():
+        return False
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception as err:
+        log.warning("ignoring unreadable checkpoint %s (%s); starting afresh", path, err)
+        return False
+
+
+def build_module(cfg: DictConfig, pretrained: bool = True) -> SegmentationModule:
+    kwargs = OmegaConf.to_container(cfg.module, resolve=True)
+    cls = hydra.utils.get_class(kwargs.pop("_target_"))
+    if not pretrained:
+        kwargs["weights"] = None  # resuming: the checkpoint has every weight
+    return cls(**kwargs)
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
+                 if c is not None]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()
+               if c is not None]
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def write_truth(store: PredictionStore, dm: SpineDataModule) -> None:
+    for split in dm.split_names:
+        part = dm.parts[split]
+        store.write_truth(split, part.masks(dm.target), part.ids, images=part.images,
+                          spacing=part.spacing)
+
+
+def _checkpoint_callback(trainer: L.Trainer) -> Any:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    run_dir, job_dir = Path(cfg.run_dir), Path(cfg.job_dir)
+    name = cfg.model.name
+    store = PredictionStore(run_dir)
+    digest = config_hash(cfg)
+    manifest = store.read_manifest(name)
+    if manifest and manifest.get("config_hash") != digest and not cfg.get("overwrite"):
+        raise ConfigError(
+            f"{run_dir} already holds model {name!r} trained with another config; choose a new "
+            "run name (run=...) or pass overwrite=true to retrain it"
+        )
+
+    dm: SpineDataModule = hydra.utils.instantiate(cfg.data, run_dir=str(run_dir))
+    dm.setup("fit")
+    if (manifest and manifest.get("config_hash") == digest
+            and store.is_complete(name, dm.split_names)):
+        log.info("%s: predictions complete, skipping (delete %s to retrain)", name,
+                 store.root / name)
+        return manifest
+    write_truth(store, dm)
+
+    L.seed_everything(cfg.seed, workers=True)
+    last = job_dir / "checkpoints" / "last.ckpt"
+    resume = _usable_checkpoint(last) and not cfg.get("overwrite")
+    started = time.time()
+    base = {
+        "model": name,
+        "preset": {k: cfg.model.get(k) for k in ("arch", "encoder", "weights")},
+        "target": dm.target,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_hash": digest,
+        "splits": dm.split_names,
+        "started_at": _now(),
+        "error": None,
+    }
+    store.write_manifest(name, {**base, "status": "running", "resumed_from": str(last) if resume else None})
+
+    module = build_module(cfg, pretrained=not resume)
+    trainer = build_trainer(cfg)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+
+    ckpt_cb = _checkpoint_callback(trainer)
+    best = ckpt_cb.best_model_path if ckpt_cb and ckpt_cb.best_model_path else None
+    if best:
+        module = SegmentationModule.from_checkpoint(best)
+    module.eval()
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    tests = trainer.test(module, datamodule=dm, verbose=False)
+    outputs = trainer.predict(module, dataloaders=dm.predict_dataloader())
+    if len(dm.split_names) == 1:
+        outputs = [outputs]
+    for split, batches in zip(dm.split_names, outputs, strict=True):
+        probs = torch.cat([b["probs"] for b in batches]).numpy()
+        ids = [i for b in batches for i in b["ids"]]
+        store.write_probs(name, split, probs, ids)
+
+    metrics = {k.split("/", 1)[1]: float(v) for k, v in val.items() if k.startswith("val/")}
+    test_metrics = {k: float(v) for d in tests for k, v in d.items()}
+    done = {
+        **base,
+        "status": "complete",
+        "checkpoint": best or (str(last) if last.exists() else None),
+        "val_metrics": metrics,
+        "test_metrics": test_metrics,
+        "epochs": trainer.current_epoch,
+        "finished_at": _now(),
+        "elapsed_s": round(time.time() - started, 2),
+    }
+    store.write_manifest(name, done)
+    _print_table(name, metrics, test_metrics)
+    return done
+
+
+def record_failure(cfg: DictConfig, err: BaseException) -> None:
+    """Mark the model failed in its manifest (with the error) so the sweep can report it."""
+    try:
+        store = PredictionStore(Path(cfg.run_dir))
+        name = cfg.model.name
+        old = store.read_manifest(name) or {}
+        store.write_manifest(name, {
+            **old,
+            "model": name,
+            "preset": {k: cfg.model.get(k) for k in ("arch", "encoder", "weights")},
+            "status": "failed",
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(limit=20),
+            "finished_at": _now(),
+        })
+    except Exception:  # recording must never mask the original error
+        log.exception("could not record the failure of %s", cfg.model.get("name"))
+
+
+def _print_table(name: str, val: dict, test: dict) -> None:
+    rows = [("val", val.get("dice"), val.get("iou"))]
+    for split in ("test", "external"):
+        if f"{split}/dice" in test:
+            rows.append((split, test[f"{split}/dice"], test.get(f"{split}/iou")))
+    lines = [f"\n{name}", f"{'split':<10}{'dice':>8}{'iou':>8}"]
+    for split, dice, iou in rows:
+        fmt = lambda v: f"{v:8.4f}" if isinstance(v, float) and np.isfinite(v) else f"{'-':>8}"  # noqa: E731
+        lines.append(f"{split:<10}{fmt(dice)}{fmt(iou)}")
+    print("\n".join(lines), flush=True)
