@@ -1,0 +1,31 @@
+"""Shared fixtures. Tests run on the CPU at tiny sizes; nothing touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("SPINESEG_PROGRESS", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def compose_train():
+    """Compose conf/train.yaml with overrides, as `spineseg-train` would."""
+    from hydra import compose, initialize_config_dir
+
+    import spineseg  # noqa: F401  (resolvers)
+
+    def _compose(*overrides: str, hydra_cfg: bool = False):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+    return _compose
