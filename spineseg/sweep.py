@@ -21,13 +21,15 @@ def summarize_sweep(run_dir: str | Path) -> list[dict[str, Any]]:
     rows = []
     for name in store.models(status=None):
         m = store.read_manifest(name) or {}
-        rows.append({
-            "model": name,
-            "status": m.get("status", "unknown"),
-            "val_dice": (m.get("val_metrics") or {}).get("dice"),
-            "elapsed_s": m.get("elapsed_s"),
-            "error": m.get("error"),
-        })
+        rows.append(
+            {
+                "model": name,
+                "status": m.get("status", "unknown"),
+                "val_dice": (m.get("val_metrics") or {}).get("dice"),
+                "elapsed_s": m.get("elapsed_s"),
+                "error": m.get("error"),
+            }
+        )
     lines = ["| model | status | val dice | time (s) | error |", "|---|---|---|---|---|"]
     for r in rows:
         dice = f"{r['val_dice']:.4f}" if isinstance(r["val_dice"], float) else "-"

@@ -35,8 +35,12 @@ VOLATILE_DATA_KEYS = ("num_workers", "cache", "cache_dir", "on_error")
 
 
 def config_identity(cfg: DictConfig) -> dict[str, Any]:
-    ident = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
-             else cfg[k] for k in IDENTITY_KEYS}
+    ident = {
+        k: OmegaConf.to_container(cfg[k], resolve=True)
+        if isinstance(cfg[k], DictConfig)
+        else cfg[k]
+        for k in IDENTITY_KEYS
+    }
     for k in VOLATILE_DATA_KEYS:
         ident["data"].pop(k, None)
     ident["max_epochs"] = cfg.trainer.get("max_epochs")
@@ -64,27 +68,39 @@ def _usable_checkpoint(path: Path) -> bool:
         return False
 
 
-def build_module(cfg: DictConfig, pretrained: bool = True) -> SegmentationModule:
-    kwargs = OmegaConf.to_container(cfg.module, resolve=True)
+def construct(node: DictConfig, **extra: Any) -> Any:
+    """`_target_(**node)` with plain Python values.
+
+    Unlike hydra.utils.instantiate this keeps our exceptions as they are (instantiate wraps
+    them, which would turn a one-line ConfigError into a traceback) and passes no OmegaConf
+    containers into hyper-parameters, so checkpoints stay loadable with weights_only=True.
+    """
+    kwargs = OmegaConf.to_container(node, resolve=True)
     cls = hydra.utils.get_class(kwargs.pop("_target_"))
-    if not pretrained:
-        kwargs["weights"] = None  # resuming: the checkpoint has every weight
-    return cls(**kwargs)
+    return cls(**{**kwargs, **extra})
+
+
+def build_module(cfg: DictConfig, pretrained: bool = True) -> SegmentationModule:
+    # resuming: the checkpoint has every weight, so nothing is fetched
+    return construct(cfg.module, **({} if pretrained else {"weights": None}))
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
-                 if c is not None]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()
-               if c is not None]
+    callbacks = [
+        hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None
+    ]
+    loggers = [
+        hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None
+    ]
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def write_truth(store: PredictionStore, dm: SpineDataModule) -> None:
     for split in dm.split_names:
         part = dm.parts[split]
-        store.write_truth(split, part.masks(dm.target), part.ids, images=part.images,
-                          spacing=part.spacing)
+        store.write_truth(
+            split, part.masks(dm.target), part.ids, images=part.images, spacing=part.spacing
+        )
 
 
 def _checkpoint_callback(trainer: L.Trainer) -> Any:
@@ -105,12 +121,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "run name (run=...) or pass overwrite=true to retrain it"
         )
 
-    dm: SpineDataModule = hydra.utils.instantiate(cfg.data, run_dir=str(run_dir))
+    dm: SpineDataModule = construct(cfg.data, run_dir=str(run_dir))
     dm.setup("fit")
-    if (manifest and manifest.get("config_hash") == digest
-            and store.is_complete(name, dm.split_names)):
-        log.info("%s: predictions complete, skipping (delete %s to retrain)", name,
-                 store.root / name)
+    if (
+        manifest
+        and manifest.get("config_hash") == digest
+        and store.is_complete(name, dm.split_names)
+    ):
+        log.info(
+            "%s: predictions complete, skipping (delete %s to retrain)", name, store.root / name
+        )
         return manifest
     write_truth(store, dm)
 
@@ -127,8 +147,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "splits": dm.split_names,
         "started_at": _now(),
         "error": None,
+        "resumed_from": str(last) if resume else None,
     }
-    store.write_manifest(name, {**base, "status": "running", "resumed_from": str(last) if resume else None})
+    store.write_manifest(name, {**base, "status": "running"})
 
     module = build_module(cfg, pretrained=not resume)
     trainer = build_trainer(cfg)
@@ -172,15 +193,18 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
         store = PredictionStore(Path(cfg.run_dir))
         name = cfg.model.name
         old = store.read_manifest(name) or {}
-        store.write_manifest(name, {
-            **old,
-            "model": name,
-            "preset": {k: cfg.model.get(k) for k in ("arch", "encoder", "weights")},
-            "status": "failed",
-            "error": f"{type(err).__name__}: {err}",
-            "traceback": traceback.format_exc(limit=20),
-            "finished_at": _now(),
-        })
+        store.write_manifest(
+            name,
+            {
+                **old,
+                "model": name,
+                "preset": {k: cfg.model.get(k) for k in ("arch", "encoder", "weights")},
+                "status": "failed",
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc(limit=20),
+                "finished_at": _now(),
+            },
+        )
     except Exception:  # recording must never mask the original error
         log.exception("could not record the failure of %s", cfg.model.get("name"))
 

@@ -22,8 +22,9 @@ def _sweep_models(name: str) -> list[str]:
     return cfg["hydra"]["sweeper"]["params"]["model"].split(",")
 
 
-@pytest.mark.parametrize("encoder", ["tu-efficientnet_lite0", "tu-efficientnet_lite1",
-                                     "tu-efficientnet_lite2"])
+@pytest.mark.parametrize(
+    "encoder", ["tu-efficientnet_lite0", "tu-efficientnet_lite1", "tu-efficientnet_lite2"]
+)
 def test_offline_weights_equal_package_tensors(encoder):
     model = build_model("Unet", encoder, "offline")
     package = W.load_offline_state(encoder)
@@ -71,9 +72,11 @@ def test_local_weight_file_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     ("arch", "encoder", "match"),
-    [("Unett", "resnet34", "unknown architecture 'Unett'; valid choices: .*Unet"),
-     ("Unet", "resnet35", "unknown encoder 'resnet35'"),
-     ("Unet", "tu-nonexistent_net", "not a timm model")],
+    [
+        ("Unett", "resnet34", "unknown architecture 'Unett'; valid choices: .*Unet"),
+        ("Unet", "resnet35", "unknown encoder 'resnet35'"),
+        ("Unet", "tu-nonexistent_net", "not a timm model"),
+    ],
 )
 def test_bad_names_are_one_line_with_choices(arch, encoder, match):
     with pytest.raises(ConfigError, match=match) as info:
@@ -94,9 +97,13 @@ def test_every_preset_builds_and_runs(model):
 def test_sweeps_have_twenty_distinct_models():
     for name in ("lite20", "paper20"):
         models = _sweep_models(name)
-        combos = {(yaml.safe_load((CONF / "model" / f"{m}.yaml").read_text())["arch"],
-                   yaml.safe_load((CONF / "model" / f"{m}.yaml").read_text())["encoder"])
-                  for m in models}
+        combos = {
+            (
+                yaml.safe_load((CONF / "model" / f"{m}.yaml").read_text())["arch"],
+                yaml.safe_load((CONF / "model" / f"{m}.yaml").read_text())["encoder"],
+            )
+            for m in models
+        }
         assert len(models) == len(set(models)) == len(combos) == 20
 
 
@@ -133,8 +140,11 @@ def test_vertebrae_metrics_and_probabilities():
 
 def test_module_step_and_safe_reload(tmp_path):
     module = SegmentationModule("Unet", "tu-efficientnet_lite0", "offline", name="t")
-    batch = {"image": torch.randn(2, 1, 64, 64), "mask": torch.randint(0, 2, (2, 64, 64)),
-             "id": ["a", "b"]}
+    batch = {
+        "image": torch.randn(2, 1, 64, 64),
+        "mask": torch.randint(0, 2, (2, 64, 64)),
+        "id": ["a", "b"],
+    }
     loss = module.training_step(batch, 0)
     assert torch.isfinite(loss) and loss.requires_grad
     import lightning as L

@@ -17,14 +17,24 @@ from spineseg.errors import SpinesegError
 log = logging.getLogger("spineseg.train")
 
 
+def _quiet_lightning() -> None:
+    """Lightning adds its own console handler; under Hydra's logging every line would print
+    twice. Its records still reach Hydra's handlers (console and the job's log file)."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+
+
 def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    import lightning  # noqa: F401  (its import adds the handlers removed below)
+
     from spineseg.train import record_failure, train
 
+    _quiet_lightning()
     try:
         manifest = train(cfg)
     except Exception as err:

@@ -122,29 +122,48 @@ def _fingerprint(root: str | None) -> list:
     for dirpath, _, files in sorted(os.walk(root)):
         for f in sorted(files):
             st = os.stat(os.path.join(dirpath, f))
-            out.append((os.path.relpath(os.path.join(dirpath, f), root), st.st_size, st.st_mtime_ns))
+            out.append(
+                (os.path.relpath(os.path.join(dirpath, f), root), st.st_size, st.st_mtime_ns)
+            )
     return out
 
 
 def _cache_key(spec: dict) -> str:
-    blob = json.dumps({**spec, "version": CACHE_VERSION, "files": _fingerprint(spec.get("root"))},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {**spec, "version": CACHE_VERSION, "files": _fingerprint(spec.get("root"))},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def _save_prepared(path: Path, p: Prepared) -> None:
     meta = {"ids": p.ids, "patients": p.patients, "forced": p.forced, "geometry": p.geometry}
     with atomic_open(path, "wb") as fh:
-        np.savez(fh, images=p.images, labels=p.labels, binary=p.binary, spacing=p.spacing,
-                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        np.savez(
+            fh,
+            images=p.images,
+            labels=p.labels,
+            binary=p.binary,
+            spacing=p.spacing,
+            meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+        )
 
 
 def _load_prepared(path: Path) -> Prepared | None:
     try:
         with np.load(path) as z:
             meta = json.loads(z["meta"].tobytes().decode())
-            return Prepared(meta["ids"], meta["patients"], meta["forced"], z["images"],
-                            z["labels"], z["binary"], z["spacing"], meta["geometry"])
+            return Prepared(
+                meta["ids"],
+                meta["patients"],
+                meta["forced"],
+                z["images"],
+                z["labels"],
+                z["binary"],
+                z["spacing"],
+                meta["geometry"],
+            )
     except Exception as err:  # a corrupt cache is rebuilt, never trusted
         log.warning("ignoring unreadable cache %s (%s)", path, err)
         return None
@@ -166,9 +185,15 @@ def load_source(
     root = spec.get("root")
     if root is not None:
         root = str(Path(root).expanduser().resolve())
-    key_spec = {"source": name, "root": root, "split": spec.get("split"),
-                "kwargs": dict(spec.get("source_kwargs") or {}), "size": list(image_size),
-                "resize": resize, "preprocess": preprocess}
+    key_spec = {
+        "source": name,
+        "root": root,
+        "split": spec.get("split"),
+        "kwargs": dict(spec.get("source_kwargs") or {}),
+        "size": list(image_size),
+        "resize": resize,
+        "preprocess": preprocess,
+    }
     key = _cache_key(key_spec)
     if key in _MEMORY_CACHE:
         return _MEMORY_CACHE[key]
@@ -206,8 +231,11 @@ class FilmDataset(Dataset):
             image, mask = out["image"], out["mask"]
         x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)
         x = (x - T.GRAY_MEAN) / T.GRAY_STD
-        return {"image": x[None], "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
-                "id": self.ids[i]}
+        return {
+            "image": x[None],
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
+            "id": self.ids[i],
+        }
 
 
 class SpineDataModule(L.LightningDataModule):
@@ -245,8 +273,12 @@ class SpineDataModule(L.LightningDataModule):
             raise ConfigError(choices_message("cache", cache, ["memory", "disk"]))
         T.build_preprocess(preprocess)
         T.build_augment(augment)
-        self.internal_spec = {"source": source, "root": root, "split": split,
-                              "source_kwargs": dict(source_kwargs or {})}
+        self.internal_spec = {
+            "source": source,
+            "root": root,
+            "split": split,
+            "source_kwargs": dict(source_kwargs or {}),
+        }
         self.external_spec = dict(external) if external else None
         self.target = target
         self.image_size = G.check_size(image_size)
@@ -260,8 +292,16 @@ class SpineDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ setup
     def _load(self, spec: dict) -> Prepared:
-        return load_source(spec, self.image_size, self.resize, self.preprocess, self.cache,
-                           self.cache_dir, self.on_error, self.skipped)
+        return load_source(
+            spec,
+            self.image_size,
+            self.resize,
+            self.preprocess,
+            self.cache,
+            self.cache_dir,
+            self.on_error,
+            self.skipped,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.parts:
@@ -276,9 +316,12 @@ class SpineDataModule(L.LightningDataModule):
         for name in ("train", "val", "test"):
             keep = [k for k, i in enumerate(internal.ids) if assignment[i] == name]
             if not keep:
-                raise DataError(None, f"the {name} split is empty ({len(internal.ids)} films, "
-                                      f"fractions {list(self.fractions)}); add films or change "
-                                      "data.fractions")
+                raise DataError(
+                    None,
+                    f"the {name} split is empty ({len(internal.ids)} films, "
+                    f"fractions {list(self.fractions)}); add films or change "
+                    "data.fractions",
+                )
             self.parts[name] = internal.subset(keep)
         if self.external_spec:
             self.parts["external"] = self._load(self.external_spec)
@@ -294,10 +337,14 @@ class SpineDataModule(L.LightningDataModule):
             if set(saved) == set(internal.ids):
                 log.info("reusing splits from %s", path)
                 return saved
-            raise DataError(path, "splits.csv does not match the dataset's film ids; it "
-                                  "belongs to another dataset (use a new run name)")
-        assignment = split_by_patient(internal.ids, internal.patients, self.fractions,
-                                      self.split_seed, internal.forced)
+            raise DataError(
+                path,
+                "splits.csv does not match the dataset's film ids; it "
+                "belongs to another dataset (use a new run name)",
+            )
+        assignment = split_by_patient(
+            internal.ids, internal.patients, self.fractions, self.split_seed, internal.forced
+        )
         if path is not None:
             write_splits_csv(path, assignment, patients)
         return assignment

@@ -31,7 +31,9 @@ def split_by_patient(
     keep it, and pull their patient's other films with them.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1):
-        raise ConfigError(f"fractions {list(fractions)} must be three non-negative numbers summing to 1")
+        raise ConfigError(
+            f"fractions {list(fractions)} must be three non-negative numbers summing to 1"
+        )
     if len(ids) != len(patient_ids):
         raise ConfigError("ids and patient_ids differ in length")
     forced = list(forced) if forced is not None else [None] * len(ids)
@@ -43,7 +45,9 @@ def split_by_patient(
             if f not in SPLITS:
                 raise DataError(None, f"film {i!r}: split {f!r} is not one of {', '.join(SPLITS)}")
             if patient_forced.setdefault(p, f) != f:
-                raise DataError(None, f"patient {p!r} is forced into two splits ({patient_forced[p]}, {f})")
+                raise DataError(
+                    None, f"patient {p!r} is forced into two splits ({patient_forced[p]}, {f})"
+                )
     counts = Counter()
     assignment: dict[str, str] = {}
     for p, s in patient_forced.items():
@@ -65,7 +69,9 @@ def split_by_patient(
     return {i: assignment[i] for i in ids}
 
 
-def write_splits_csv(path: str | Path, assignment: dict[str, str], patients: dict[str, str]) -> None:
+def write_splits_csv(
+    path: str | Path, assignment: dict[str, str], patients: dict[str, str]
+) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["id", "patient_id", "split"])

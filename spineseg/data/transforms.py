@@ -60,8 +60,15 @@ def preprocess(image: np.ndarray, name: str) -> np.ndarray:
 def _light() -> list:
     return [
         A.HorizontalFlip(p=0.5),  # AP films: a mirrored scoliosis is still a spine
-        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10),
-                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.7),
+        A.Affine(
+            scale=(0.9, 1.1),
+            translate_percent=(-0.05, 0.05),
+            rotate=(-10, 10),
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=0,
+            p=0.7,
+        ),
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
     ]
 
@@ -74,8 +81,14 @@ def _strong() -> list:
         A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 5))], p=0.3),
         A.GaussNoise(std_range=(0.02, 0.08), p=0.4),
         A.ElasticTransform(alpha=20, sigma=6, border_mode=cv2.BORDER_CONSTANT, p=0.2),
-        A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.03, 0.08),
-                        hole_width_range=(0.03, 0.08), fill=0, fill_mask=None, p=0.3),
+        A.CoarseDropout(
+            num_holes_range=(1, 4),
+            hole_height_range=(0.03, 0.08),
+            hole_width_range=(0.03, 0.08),
+            fill=0,
+            fill_mask=None,
+            p=0.3,
+        ),
     ]
 
 

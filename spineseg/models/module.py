@@ -112,17 +112,25 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         _, loss = self._shared(batch)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=batch["image"].shape[0])
+        self.log(
+            "train/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch["image"].shape[0],
+        )
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits, loss = self._shared(batch)
-        pred = to_index(probabilities(logits.float(), self.target), self.target,
-                        self.hparams.threshold)
+        pred = to_index(
+            probabilities(logits.float(), self.target), self.target, self.hparams.threshold
+        )
         self.val_metrics.update(pred, batch["mask"])
-        self.log("val/loss", loss, on_epoch=True, prog_bar=False,
-                 batch_size=batch["image"].shape[0])
+        self.log(
+            "val/loss", loss, on_epoch=True, prog_bar=False, batch_size=batch["image"].shape[0]
+        )
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
@@ -155,8 +163,10 @@ class SegmentationModule(L.LightningModule):
         sched_cfg = dict(sched_cfg)
         interval = sched_cfg.pop("interval", "epoch")
         scheduler = hydra.utils.instantiate(sched_cfg, optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
-                                                          "interval": interval}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }
 
     # ------------------------------------------------------------------ safe reload
     @classmethod

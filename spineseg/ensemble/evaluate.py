@@ -1,0 +1,538 @@
+"""The streaming evaluator: every voting rule, every selected model and the best single model,
+scored per image in one pass over the held-out splits.
+
+Images are read in chunks from the store's memory maps, so peak memory depends on
+`chunk_size` and K, not on N. The chunk evaluation takes plain arrays, which is what lets the
+Lightning callback score in-memory predictions with the same code.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spineseg.ensemble import metrics, stats, voting
+from spineseg.ensemble.selection import (
+    Selection,
+    ValidationView,
+    save_selection,
+    select_models,
+)
+from spineseg.ensemble.store import (
+    SPLITS,
+    PredictionStore,
+    Truth,
+    iter_chunks,
+    load_chunk,
+    read_rows,
+)
+from spineseg.errors import ConfigError, StoreError, choices_message
+from spineseg.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+BEST = "best_single"
+MODEL_PREFIX = "model:"
+METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd")
+PER_IMAGE_COLUMNS = ("split", "method", "id", *METRICS)
+RESULT_COLUMNS = (
+    "split", "method", "k", "n", "threshold",
+    "dice_mean", "dice_sd", "dice_ci_low", "dice_ci_high",
+    "iou_mean", "iou_sd", "precision_mean", "recall_mean",
+    "hd95_mean", "hd95_sd", "hd95_n_nan", "assd_mean", "assd_sd",
+    "rel_improvement_pct", "p_value_vs_best_single", "distance_unit",
+)  # fmt: skip
+
+DEFAULTS: dict[str, Any] = {
+    "enabled": True,
+    "top_k": 10,
+    "selection": "top_k",
+    "greedy_size": 20,
+    "rules": ["soft", "hard", "weighted", "max", "median", "staple", "logit_mean"],
+    "threshold": 0.5,
+    "tune_threshold": False,
+    "chunk_size": 16,
+    "distances": True,
+    "n_boot": 2000,
+    "seed": 0,
+    "splits": ["test", "external"],
+    "figures": True,
+    "gallery_n": 4,
+    "wandb": {"enabled": False, "project": "spineseg", "group": None, "log_images": False},
+}
+
+
+# ---------------------------------------------------------------------- configuration
+def ensemble_config(cfg: Any = None) -> dict[str, Any]:
+    """`cfg` (dict, DictConfig or None) over `DEFAULTS`, validated: a typo is an error, not a
+    silently ignored option."""
+    if cfg is None:
+        given: dict[str, Any] = {}
+    elif isinstance(cfg, Mapping) and not hasattr(cfg, "_metadata"):
+        given = copy.deepcopy(dict(cfg))
+    else:
+        from omegaconf import OmegaConf
+
+        given = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    out = copy.deepcopy(DEFAULTS)
+    for key, value in given.items():
+        if key not in DEFAULTS:
+            raise ConfigError(choices_message("ensemble option", key, list(DEFAULTS)))
+        if key == "wandb":
+            extra = set(value or {}) - set(DEFAULTS["wandb"])
+            if extra:
+                raise ConfigError(
+                    choices_message(
+                        "ensemble.wandb option", sorted(extra)[0], list(DEFAULTS["wandb"])
+                    )
+                )
+            out["wandb"].update(value or {})
+        else:
+            out[key] = value
+    out["rules"] = list(out["rules"])
+    for rule in out["rules"]:
+        if rule not in voting.RULES:
+            raise ConfigError(choices_message("voting rule", rule, list(voting.RULES)))
+    out["splits"] = list(out["splits"])
+    for split in out["splits"]:
+        if split not in SPLITS:
+            raise ConfigError(choices_message("split", split, list(SPLITS)))
+    if not 0.0 < float(out["threshold"]) < 1.0:
+        raise ConfigError(f"ensemble.threshold must be in (0, 1), got {out['threshold']}")
+    for key in ("top_k", "greedy_size", "chunk_size", "n_boot"):
+        if int(out[key]) < 1:
+            raise ConfigError(f"ensemble.{key} must be >= 1, got {out[key]}")
+    if int(out["gallery_n"]) < 0:
+        raise ConfigError(f"ensemble.gallery_n must be >= 0, got {out['gallery_n']}")
+    return out
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """What the evaluator needs from selection; the callback builds one without a store."""
+
+    models: list[str]
+    weights: list[float]
+    rules: list[str]
+    thresholds: dict[str, float]
+    best_single: str
+    threshold: float = 0.5  # of the individual models
+
+    @classmethod
+    def from_selection(cls, sel: Selection, rules: Sequence[str], threshold: float) -> EnsembleSpec:
+        return cls(
+            list(sel.models),
+            list(sel.weights),
+            list(rules),
+            {r: sel.thresholds.get(r, threshold) for r in rules},
+            sel.best_single,
+            threshold,
+        )
+
+
+# ---------------------------------------------------------------------- the one pass
+def evaluate_arrays(
+    split: str,
+    probs: Sequence[np.ndarray],
+    masks: np.ndarray,
+    ids: np.ndarray,
+    spec: EnsembleSpec,
+    spacing: np.ndarray | None = None,
+    chunk_size: int = 16,
+    distances: bool = True,
+) -> pd.DataFrame:
+    """Per-image metrics of every rule, every model and `best_single` on one split.
+
+    `probs` are K (N,C,H,W) arrays aligned with `spec.models` (memmaps or in memory); only
+    one chunk of them is converted to float32 at a time."""
+    if len(probs) != len(spec.models):
+        raise StoreError(
+            f"split {split!r}: {len(probs)} probability arrays for {len(spec.models)} models"
+        )
+    ids = np.asarray(ids).astype(str)
+    num_classes = max(2, int(probs[0].shape[1]))
+    weights = torch.tensor(spec.weights, dtype=torch.float32)
+    cols: dict[str, list[Any]] = {c: [] for c in PER_IMAGE_COLUMNS}
+    best_k = spec.models.index(spec.best_single)
+
+    def add(
+        method: str, labels: torch.Tensor, truth: torch.Tensor, sl: slice, sp: np.ndarray | None
+    ) -> None:
+        ov = metrics.overlap_metrics(labels, truth, num_classes)
+        if distances:
+            sf = metrics.surface_metrics(labels, truth, num_classes, spacing=sp)
+        else:
+            sf = {"hd95": np.full(len(labels), np.nan), "assd": np.full(len(labels), np.nan)}
+        methods = [method, BEST] if method == MODEL_PREFIX + spec.models[best_k] else [method]
+        for name in methods:
+            cols["split"].extend([split] * len(labels))
+            cols["method"].extend([name] * len(labels))
+            cols["id"].extend(ids[sl].tolist())
+            for key, source in (
+                ("dice", ov),
+                ("iou", ov),
+                ("precision", ov),
+                ("recall", ov),
+                ("hd95", sf),
+                ("assd", sf),
+            ):
+                cols[key].extend(np.asarray(source[key], dtype=np.float64).tolist())
+
+    for sl in iter_chunks(len(ids), chunk_size):
+        chunk = torch.from_numpy(load_chunk(probs, spec.models, split, ids, sl))
+        truth = torch.from_numpy(read_rows(masks, sl).astype(np.int64))
+        sp = None if spacing is None else np.asarray(spacing[sl], dtype=np.float64)
+        for rule in spec.rules:
+            t = spec.thresholds.get(rule, spec.threshold)
+            labels = voting.to_labels(voting.fuse(rule, chunk, weights, threshold=t), t)
+            add(rule, labels, truth, sl, sp)
+        for k, model in enumerate(spec.models):
+            add(MODEL_PREFIX + model, voting.to_labels(chunk[k], spec.threshold), truth, sl, sp)
+    df = pd.DataFrame(cols, columns=list(PER_IMAGE_COLUMNS))
+    # Same table whatever the chunk size: methods in report order, images in store order.
+    rank = {m: i for i, m in enumerate(method_order(list(dict.fromkeys(df["method"])), spec.rules))}
+    position = {i: k for k, i in enumerate(ids.tolist())}
+    key = df["method"].map(rank) * len(ids) + df["id"].map(position)
+    return df.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)
+
+
+def method_order(
+    methods: Sequence[str], rules: Sequence[str] = tuple(DEFAULTS["rules"])
+) -> list[str]:
+    """best_single, then the rules (in config order), then the individual models."""
+    head = [BEST, *[r for r in rules if r in methods]]
+    rest = [m for m in methods if m not in head]
+    return [m for m in head if m in methods] + list(dict.fromkeys(rest))
+
+
+def summarize_results(
+    per_image: pd.DataFrame,
+    spec: EnsembleSpec,
+    n_boot: int = 2000,
+    seed: int = 0,
+    distance_unit: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """One row per (split, method): mean, sd and bootstrap CI of Dice, means of the rest,
+    relative improvement and paired Wilcoxon p of Dice against best_single."""
+    rows = []
+    for split in dict.fromkeys(per_image["split"]):
+        part = per_image[per_image["split"] == split]
+        best = part[part["method"] == BEST].set_index("id")["dice"]
+        best_mean = float(best.mean()) if len(best) else math.nan
+        for method in method_order(list(dict.fromkeys(part["method"])), spec.rules):
+            g = part[part["method"] == method]
+            dice = stats.summarize(g["dice"].to_numpy(), n_boot=n_boot, seed=seed)
+            hd = g["hd95"].to_numpy()
+            row: dict[str, Any] = {
+                "split": split,
+                "method": method,
+                "k": len(spec.models) if method in spec.rules else 1,
+                "n": len(g),
+                "threshold": spec.thresholds.get(method, spec.threshold),
+                "dice_mean": dice["mean"],
+                "dice_sd": dice["sd"],
+                "dice_ci_low": dice["ci_low"],
+                "dice_ci_high": dice["ci_high"],
+                "hd95_n_nan": int(np.sum(~np.isfinite(hd))),
+                "distance_unit": (distance_unit or {}).get(split, "px"),
+            }
+            for key in ("iou", "precision", "recall", "hd95", "assd"):
+                values = g[key].to_numpy(dtype=np.float64)
+                finite = values[np.isfinite(values)]
+                row[f"{key}_mean"] = float(finite.mean()) if finite.size else math.nan
+                row[f"{key}_sd"] = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
+            if method == BEST:
+                row["rel_improvement_pct"], row["p_value_vs_best_single"] = 0.0, math.nan
+            else:
+                a = g.set_index("id")["dice"]
+                common = a.index.intersection(best.index)
+                row["rel_improvement_pct"] = float(
+                    stats.relative_improvement_pct(dice["mean"], best_mean)
+                )
+                row["p_value_vs_best_single"] = float(
+                    stats.paired_wilcoxon(a.loc[common].to_numpy(), best.loc[common].to_numpy())
+                )
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    extra = [c for c in df.columns if c not in RESULT_COLUMNS]
+    return df.reindex(columns=[*RESULT_COLUMNS, *extra])
+
+
+# ---------------------------------------------------------------------- outputs
+def results_markdown(results: pd.DataFrame, n_images: Mapping[str, int] | None = None) -> str:
+    """One Markdown table per split: mean ± sd [95% CI]."""
+
+    def fmt(mean: float, sd: float, lo: float | None = None, hi: float | None = None) -> str:
+        if mean is None or not np.isfinite(mean):
+            return "n/a"
+        text = f"{mean:.4f} ± {sd:.4f}" if np.isfinite(sd) else f"{mean:.4f}"
+        return text if lo is None else f"{text} [{lo:.4f}, {hi:.4f}]"
+
+    parts = []
+    for split in dict.fromkeys(results["split"]):
+        r = results[results["split"] == split]
+        unit = r["distance_unit"].iloc[0]
+        table = pd.DataFrame(
+            {
+                "method": r["method"],
+                "k": r["k"],
+                "Dice": [
+                    fmt(*v)
+                    for v in r[["dice_mean", "dice_sd", "dice_ci_low", "dice_ci_high"]].itertuples(
+                        index=False
+                    )
+                ],
+                "IoU": [fmt(m, s) for m, s in zip(r["iou_mean"], r["iou_sd"], strict=True)],
+                "precision": [f"{v:.4f}" for v in r["precision_mean"]],
+                "recall": [f"{v:.4f}" for v in r["recall_mean"]],
+                f"HD95 ({unit})": [
+                    fmt(m, s) for m, s in zip(r["hd95_mean"], r["hd95_sd"], strict=True)
+                ],
+                f"ASSD ({unit})": [
+                    fmt(m, s) for m, s in zip(r["assd_mean"], r["assd_sd"], strict=True)
+                ],
+                "Δ Dice vs best (%)": [f"{v:+.2f}" for v in r["rel_improvement_pct"]],
+                "p (Wilcoxon)": [
+                    "" if not np.isfinite(p) else f"{p:.3g}" for p in r["p_value_vs_best_single"]
+                ],
+            }
+        )
+        n = (n_images or {}).get(split, int(r["n"].iloc[0]))
+        parts.append(f"## {split} (n = {n})\n\n{table.to_markdown(index=False)}\n")
+    return "\n".join(parts)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def write_outputs(
+    out_dir: Path,
+    results: pd.DataFrame,
+    per_image: pd.DataFrame,
+    extra: dict[str, Any],
+) -> dict[str, Path]:
+    """results.csv / .md / .json and per_image.csv, each written atomically."""
+    paths = {
+        "results_csv": out_dir / "results.csv",
+        "results_md": out_dir / "results.md",
+        "results_json": out_dir / "results.json",
+        "per_image_csv": out_dir / "per_image.csv",
+    }
+    atomic_write_text(paths["per_image_csv"], per_image.to_csv(index=False))
+    atomic_write_text(paths["results_csv"], results.to_csv(index=False))
+    atomic_write_text(
+        paths["results_md"],
+        "# Ensemble results\n\n" + results_markdown(results, extra.get("n_images")),
+    )
+    payload = {**extra, "results": results.to_dict(orient="records")}
+    atomic_write_json(paths["results_json"], _json_safe(payload))
+    return paths
+
+
+# ---------------------------------------------------------------------- the run
+def candidate_models(store: PredictionStore) -> list[str]:
+    """Complete models whose every listed split (and val) is readable; others are
+    excluded with a warning, so one crashed job does not sink the study."""
+    keep = []
+    for model in store.models(status=None):
+        try:
+            manifest = store.read_manifest(model)
+        except StoreError as err:
+            warnings.warn(f"model {model!r} excluded: {err}", stacklevel=3)
+            continue
+        status = None if manifest is None else manifest.get("status")
+        if status != "complete":
+            why = "no manifest.json" if manifest is None else f"status {status!r}"
+            if manifest and manifest.get("error"):
+                why += f" ({manifest['error']})"
+            warnings.warn(f"model {model!r} excluded: {why}", stacklevel=3)
+            continue
+        wanted = ["val", *[s for s in manifest.get("splits") or [] if s in SPLITS]]
+        if not store.is_complete(model, list(dict.fromkeys(wanted))):
+            warnings.warn(
+                f"model {model!r} excluded: a split in {wanted} is missing or unreadable",
+                stacklevel=3,
+            )
+            continue
+        keep.append(model)
+    return keep
+
+
+def gallery_cases(
+    split: str,
+    probs: Sequence[np.ndarray],
+    truth: Truth,
+    spec: EnsembleSpec,
+    per_image: pd.DataFrame,
+    n: int,
+) -> list[dict[str, Any]]:
+    """The n best and n worst images by soft-vote Dice, with film, truth, soft-vote labels
+    and the models' disagreement map, for the overlay gallery."""
+    rule = "soft" if "soft" in spec.rules else spec.rules[0]
+    scored = per_image[(per_image["split"] == split) & (per_image["method"] == rule)]
+    scored = scored.sort_values("dice", kind="stable")
+    picks = list(dict.fromkeys([*scored["id"].iloc[::-1][:n], *scored["id"].iloc[:n]]))
+    if not picks:
+        return []
+    where = {i: k for k, i in enumerate(truth.ids.tolist())}
+    index = np.array([where[i] for i in picks])
+    chunk = torch.from_numpy(load_chunk(probs, spec.models, split, truth.ids, index))
+    t = spec.thresholds.get(rule, spec.threshold)
+    weights = torch.tensor(spec.weights, dtype=torch.float32)
+    labels = voting.to_labels(voting.fuse(rule, chunk, weights, threshold=t), t).numpy()
+    disagree = voting.disagreement(chunk, spec.threshold).numpy()
+    dice = scored.set_index("id")["dice"]
+    cases = []
+    for j, image_id in enumerate(picks):
+        cases.append(
+            {
+                "id": image_id,
+                "dice": float(dice[image_id]),
+                "image": None if truth.images is None else np.asarray(truth.images[index[j]]),
+                "truth": np.asarray(truth.masks[index[j]]),
+                "pred": labels[j],
+                "disagreement": disagree[j],
+                "rule": rule,
+            }
+        )
+    return cases
+
+
+def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
+    """Select on val, evaluate every rule on test/external, write `<run_dir>/ensemble/`.
+
+    Returns the results table (one row per split and method)."""
+    opts = ensemble_config(cfg)
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise StoreError(f"run_dir {run_dir} does not exist")
+    store = PredictionStore(run_dir)
+    if not store.root.is_dir():
+        raise StoreError(f"{store.root} does not exist: no predictions in run_dir {run_dir}")
+    candidates = candidate_models(store)
+    if not candidates:
+        raise StoreError(f"{store.root}: no complete model with a readable val split")
+    out_dir = run_dir / "ensemble"
+
+    selection = select_models(
+        ValidationView(store),
+        candidates,
+        k=int(opts["top_k"]),
+        method=opts["selection"],
+        greedy_size=int(opts["greedy_size"]),
+        rules=opts["rules"],
+        threshold=float(opts["threshold"]),
+        tune_threshold=bool(opts["tune_threshold"]),
+        chunk_size=int(opts["chunk_size"]),
+    )
+    save_selection(selection, out_dir / "selection.json")
+    spec = EnsembleSpec.from_selection(selection, opts["rules"], float(opts["threshold"]))
+
+    frames, units, n_images, evaluated = [], {}, {}, {}
+    for split in opts["splits"]:
+        have = [m for m in spec.models if split in store.splits_of(m)]
+        if not have and not store.has_truth(split):
+            log.info("split %r is not in the store: skipped", split)
+            continue
+        if len(have) < len(spec.models):
+            missing = [m for m in spec.models if m not in have]
+            warnings.warn(
+                f"split {split!r} is missing for selected model(s) {', '.join(missing)}: skipped",
+                stacklevel=2,
+            )
+            continue
+        data = store.open_split(spec.models, split)
+        spacing = data.truth.distance_spacing
+        units[split] = "mm" if spacing is not None else "px"
+        n_images[split] = data.truth.n
+        log.info(
+            "evaluating %s: %d images, %d models, %d rules",
+            split,
+            data.truth.n,
+            len(spec.models),
+            len(spec.rules),
+        )
+        frames.append(
+            evaluate_arrays(
+                split,
+                [data.probs[m] for m in spec.models],
+                data.truth.masks,
+                data.truth.ids,
+                spec,
+                spacing=spacing,
+                chunk_size=int(opts["chunk_size"]),
+                distances=bool(opts["distances"]),
+            )
+        )
+        evaluated[split] = data
+    if not frames:
+        raise StoreError(
+            f"{store.root}: none of the splits {opts['splits']} is stored for the selected models"
+        )
+    per_image = pd.concat(frames, ignore_index=True)
+    results = summarize_results(per_image, spec, int(opts["n_boot"]), int(opts["seed"]), units)
+    extra = {
+        "run_dir": str(run_dir),
+        "distance_unit": units,
+        "n_images": n_images,
+        "selection": selection.to_json(),
+        "config": opts,
+    }
+    paths = write_outputs(out_dir, results, per_image, extra)
+
+    figures: dict[str, Path] = {}
+    galleries: dict[str, Path] = {}
+    if opts["figures"]:
+        from spineseg.report import figures as fig
+
+        for split, data in evaluated.items():
+            sub_r = results[results["split"] == split]
+            sub_p = per_image[per_image["split"] == split]
+            figures[f"dice_bars_{split}"] = fig.plot_dice_bars(
+                sub_r, out_dir / "figures" / f"dice_bars_{split}.png", title=split
+            )
+            figures[f"dice_box_{split}"] = fig.plot_dice_boxes(
+                sub_p,
+                out_dir / "figures" / f"dice_box_{split}.png",
+                title=split,
+                order=method_order(list(dict.fromkeys(sub_p["method"])), spec.rules),
+            )
+            if int(opts["gallery_n"]) > 0:
+                cases = gallery_cases(
+                    split,
+                    [data.probs[m] for m in spec.models],
+                    data.truth,
+                    spec,
+                    per_image,
+                    int(opts["gallery_n"]),
+                )
+                galleries[f"gallery_{split}"] = fig.plot_overlay_gallery(
+                    cases, out_dir / "figures" / f"gallery_{split}.png", title=split
+                )
+    if opts["wandb"]["enabled"]:
+        from spineseg.ensemble.wandb_log import log_results
+
+        log_results(
+            run_dir, opts["wandb"], results, per_image, figures, galleries, selection.to_json()
+        )
+    log.info("ensemble results written to %s", paths["results_csv"].parent)
+    return results

@@ -1,0 +1,291 @@
+"""Which models enter the ensemble, with which weights and thresholds: decided on `val` only.
+
+Choosing models (or thresholds) on the test split would leak it into the reported result, so
+every function here takes a `ValidationView`, which can open the `val` split and nothing
+else. Selection is top-k by mean per-image validation Dice, or Caruana et al. (2004) greedy
+forward selection with replacement, where multiplicities become the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spineseg.ensemble import metrics, voting
+from spineseg.ensemble.store import (
+    PredictionStore,
+    SplitData,
+    iter_chunks,
+    load_chunk,
+    read_rows,
+)
+from spineseg.errors import ConfigError, StoreError
+from spineseg.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+VAL = "val"
+METHODS = ("top_k", "greedy")
+#: Threshold grid of `tune_threshold` (0.05..0.95).
+GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+class ValidationView:
+    """The store as selection sees it: the `val` split only.
+
+    It keeps no reference to the store, just closures bound to the split "val", so code that
+    receives a view has no handle by which to name test or external."""
+
+    __slots__ = ("_manifest", "_models", "_open", "_splits_of")
+
+    def __init__(self, store: PredictionStore, split: str = VAL) -> None:
+        if split != VAL:
+            raise ConfigError(f"selection uses the validation split only, not {split!r}")
+        self._open = lambda models: store.open_split(models, VAL)
+        self._models = store.models
+        self._splits_of = store.splits_of
+        self._manifest = store.read_manifest
+
+    @property
+    def split(self) -> str:
+        return VAL
+
+    def open(self, models: Sequence[str]) -> SplitData:
+        return self._open(list(models))
+
+    def models(self) -> list[str]:
+        """Complete models that have a validation split."""
+        return [m for m in self._models("complete") if VAL in self._splits_of(m)]
+
+    def manifest(self, model: str) -> dict[str, Any] | None:
+        return self._manifest(model)
+
+
+@dataclass
+class Selection:
+    """The chosen models (best first) and everything the evaluator needs from validation."""
+
+    models: list[str]
+    weights: list[float]  # aligned with `models`, sum 1
+    scores: dict[str, float]  # validation Dice of every candidate
+    thresholds: dict[str, float]  # per rule
+    method: str
+    k: int
+    n_val: int
+    best_single: str
+    multiplicities: dict[str, int] | None = None
+    greedy_trace: list[float] = field(default_factory=list)
+    threshold_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["weights"] = dict(zip(self.models, self.weights, strict=True))
+        data["val_scores"] = {m: self.scores[m] for m in self.models}
+        data["split"] = VAL
+        return data
+
+
+# ---------------------------------------------------------------------- scoring
+def _chunk_dice(labels: torch.Tensor, masks: np.ndarray, num_classes: int) -> np.ndarray:
+    truth = torch.from_numpy(np.asarray(masks).astype(np.int64))
+    out = metrics.overlap_metrics(labels, truth, num_classes)
+    return np.asarray(out["dice"], dtype=np.float64)
+
+
+def validation_scores(
+    view: ValidationView, models: Sequence[str], threshold: float = 0.5, chunk_size: int = 16
+) -> dict[str, float]:
+    """Mean per-image validation Dice of each model, streamed chunk by chunk."""
+    data = view.open(models)
+    arrays = [data.probs[m] for m in models]
+    totals = np.zeros(len(models))
+    counts = np.zeros(len(models))
+    for sl in iter_chunks(data.truth.n, chunk_size):
+        probs = torch.from_numpy(load_chunk(arrays, models, VAL, data.truth.ids, sl))
+        masks = read_rows(data.truth.masks, sl)
+        for k in range(len(models)):
+            dice = _chunk_dice(voting.to_labels(probs[k], threshold), masks, data.num_classes)
+            totals[k] += np.nansum(dice)
+            counts[k] += np.isfinite(dice).sum()
+    with np.errstate(invalid="ignore"):
+        means = totals / counts
+    return {m: float(v) for m, v in zip(models, means, strict=True)}
+
+
+def rank(scores: dict[str, float]) -> list[str]:
+    """Best first; NaN scores last; ties broken by name so runs are reproducible."""
+    return sorted(scores, key=lambda m: (-np.nan_to_num(scores[m], nan=-np.inf), m))
+
+
+def top_k(scores: dict[str, float], k: int) -> list[str]:
+    if k < 1:
+        raise ConfigError(f"ensemble.top_k must be >= 1, got {k}")
+    if k > len(scores):
+        warnings.warn(
+            f"top_k={k} but only {len(scores)} successful model(s); using all of them",
+            stacklevel=2,
+        )
+    return rank(scores)[:k]
+
+
+def greedy_select(
+    view: ValidationView,
+    scores: dict[str, float],
+    size: int,
+    threshold: float = 0.5,
+    chunk_size: int = 16,
+) -> tuple[dict[str, int], list[float]]:
+    """Caruana forward selection with replacement on validation soft-vote Dice.
+
+    Starts from the best single model and adds, one pick at a time, the model (possibly one
+    already in) that maximises the Dice of the multiset's mean probability; stops after
+    `size` picks or when no pick improves. Returns multiplicities and the Dice trace."""
+    if size < 1:
+        raise ConfigError(f"ensemble.greedy_size must be >= 1, got {size}")
+    library = rank(scores)
+    data = view.open(library)
+    arrays = [data.probs[m] for m in library]
+    counts = np.zeros(len(library))
+    counts[0] = 1
+    trace = [scores[library[0]]]
+    while counts.sum() < size:
+        sums = np.zeros(len(library))
+        n = np.zeros(len(library))
+        for sl in iter_chunks(data.truth.n, chunk_size):
+            probs = torch.from_numpy(load_chunk(arrays, library, VAL, data.truth.ids, sl))
+            base = torch.tensordot(torch.from_numpy(counts).float(), probs, dims=1)
+            masks = read_rows(data.truth.masks, sl)
+            for j in range(len(library)):
+                mean = (base + probs[j]) / (counts.sum() + 1)
+                dice = _chunk_dice(voting.to_labels(mean, threshold), masks, data.num_classes)
+                sums[j] += np.nansum(dice)
+                n[j] += np.isfinite(dice).sum()
+        with np.errstate(invalid="ignore"):
+            cand = np.nan_to_num(sums / n, nan=-np.inf)
+        j = int(np.argmax(cand))  # first maximum = the better-ranked model on ties
+        if not cand[j] > trace[-1] + 1e-12:
+            break
+        counts[j] += 1
+        trace.append(float(cand[j]))
+    picked = {m: int(c) for m, c in zip(library, counts, strict=True) if c > 0}
+    return picked, trace
+
+
+def tune_thresholds(
+    view: ValidationView,
+    models: Sequence[str],
+    weights: Sequence[float],
+    rules: Sequence[str],
+    default: float = 0.5,
+    grid: Sequence[float] = GRID,
+    chunk_size: int = 16,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Each rule's foreground threshold maximising mean validation Dice over `grid`.
+
+    Vertebrae mode labels by argmax, so there is nothing to tune and `default` is kept.
+    Ties go to the value closest to `default`."""
+    data = view.open(models)
+    if data.channels > 1:
+        log.info("vertebrae mode labels by argmax: no thresholds to tune")
+        return {r: default for r in rules}, {}
+    arrays = [data.probs[m] for m in models]
+    w = torch.tensor(list(weights), dtype=torch.float32)
+    sums = np.zeros((len(rules), len(grid)))
+    n = np.zeros((len(rules), len(grid)))
+    for sl in iter_chunks(data.truth.n, chunk_size):
+        probs = torch.from_numpy(load_chunk(arrays, models, VAL, data.truth.ids, sl))
+        masks = read_rows(data.truth.masks, sl)
+        for r, rule in enumerate(rules):
+            for g, t in enumerate(grid):
+                scores = voting.fuse(rule, probs, w, threshold=t)
+                dice = _chunk_dice(voting.to_labels(scores, t), masks, data.num_classes)
+                sums[r, g] += np.nansum(dice)
+                n[r, g] += np.isfinite(dice).sum()
+    with np.errstate(invalid="ignore"):
+        means = np.nan_to_num(sums / n, nan=-np.inf)
+    closeness = -np.abs(np.asarray(grid) - default)
+    thresholds = {}
+    for r, rule in enumerate(rules):
+        best = max(range(len(grid)), key=lambda g, r=r: (means[r, g], closeness[g]))
+        thresholds[rule] = float(grid[best])
+    table = {
+        rule: {f"{t:.2f}": float(means[r, g]) for g, t in enumerate(grid)}
+        for r, rule in enumerate(rules)
+    }
+    return thresholds, table
+
+
+# ---------------------------------------------------------------------- entry point
+def select_models(
+    view: ValidationView,
+    candidates: Sequence[str] | None = None,
+    *,
+    k: int = 10,
+    method: str = "top_k",
+    greedy_size: int = 20,
+    rules: Sequence[str] = tuple(voting.RULES),
+    threshold: float = 0.5,
+    tune_threshold: bool = False,
+    chunk_size: int = 16,
+) -> Selection:
+    """Rank `candidates` (default: every complete model with val) on validation, choose
+    the ensemble and its weights (normalised val Dice, or Caruana multiplicities)."""
+    if method not in METHODS:
+        raise ConfigError(
+            f"unknown ensemble.selection {method!r}; valid choices: {', '.join(METHODS)}"
+        )
+    candidates = list(view.models() if candidates is None else candidates)
+    if not candidates:
+        raise StoreError("no complete model with a validation split to select from")
+    scores = validation_scores(view, candidates, threshold, chunk_size)
+    n_val = view.open(candidates[:1]).truth.n
+    multiplicities = None
+    trace: list[float] = []
+    if method == "greedy":
+        multiplicities, trace = greedy_select(view, scores, greedy_size, threshold, chunk_size)
+        models = [m for m in rank(scores) if m in multiplicities]
+        raw = np.array([multiplicities[m] for m in models], dtype=np.float64)
+    else:
+        models = top_k(scores, k)
+        raw = np.array([max(scores[m], 0.0) for m in models], dtype=np.float64)
+        raw = np.nan_to_num(raw)
+    weights = raw / raw.sum() if raw.sum() > 0 else np.full(len(models), 1 / len(models))
+    thresholds = {r: float(threshold) for r in rules}
+    table: dict[str, dict[str, float]] = {}
+    if tune_threshold:
+        thresholds, table = tune_thresholds(
+            view, models, weights, rules, threshold, chunk_size=chunk_size
+        )
+    log.info(
+        "selected %d model(s) by %s on val (n=%d): %s",
+        len(models),
+        method,
+        n_val,
+        ", ".join(models),
+    )
+    return Selection(
+        models=models,
+        weights=[float(w) for w in weights],
+        scores=scores,
+        thresholds=thresholds,
+        method=method,
+        k=len(models),
+        n_val=n_val,
+        best_single=rank(scores)[0],
+        multiplicities=multiplicities,
+        greedy_trace=trace,
+        threshold_scores=table,
+    )
+
+
+def save_selection(selection: Selection, path: str | Path) -> Path:
+    path = Path(path)
+    atomic_write_json(path, selection.to_json())
+    return path

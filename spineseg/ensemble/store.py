@@ -1,0 +1,558 @@
+"""The prediction store: every model's probabilities and the ground truth, one npz per split.
+
+Training writes it, the ensemble engine only reads it, so ensembling never re-runs a model.
+Layout under ``<run_dir>/predictions/``::
+
+    <model>/<split>.npz     probs float16 (N,C,H,W) in [0,1]; ids (N,) str   (split: val|test|external)
+    <model>/manifest.json   {"model", "status": running|complete|failed, "preset", "target",
+                             "config", "config_hash", "checkpoint", "val_metrics", "splits",
+                             "error", "started_at", "finished_at", "elapsed_s"}
+    _truth/<split>.npz      masks uint8 (N,H,W) at working resolution; ids (N,) str;
+                            optional images uint8 (N,H,W) (film for overlays) and
+                            spacing float32 (N,2) mm per pixel (row, col), NaN if unknown
+
+C == 1 is region mode (P(foreground)); C == 5 is vertebrae mode (softmax; 0 = background,
+1..4 = Th8..Th11). Members are stored uncompressed so that `PredictionStore.probs` can
+memory-map them: evaluating N images then needs memory for one chunk, not for N.
+Numpy alone reads the store::
+
+    import numpy as np
+    pred = np.load("run/predictions/unet-resnet34/test.npz")
+    truth = np.load("run/predictions/_truth/test.npz")
+    assert (pred["ids"] == truth["ids"]).all()
+    labels = pred["probs"][:, 0] > 0.5 if pred["probs"].shape[1] == 1 else pred["probs"].argmax(1)
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import struct
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spineseg.errors import StoreError
+from spineseg.utils.io import atomic_savez, atomic_write_json
+
+SPLITS: tuple[str, ...] = ("val", "test", "external")
+STATUSES: tuple[str, ...] = ("running", "complete", "failed")
+CHANNELS: tuple[int, ...] = (1, 5)  # region, vertebrae
+TRUTH_DIR = "_truth"
+MAX_LABEL = 4  # 0 = background, 1..4 = Th8..Th11
+#: float16 rounding and sigmoid/softmax round-off stay well inside this.
+PROB_TOL = 1e-3
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@,-]*$")
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header, 30 bytes
+_VALIDATE_ROWS = 32  # images validated / converted at a time when writing
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Ground truth of one split; `masks` (and `images`) are memory-mapped."""
+
+    split: str
+    masks: np.ndarray
+    ids: np.ndarray
+    images: np.ndarray | None = None
+    spacing: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.masks.shape[0])
+
+    @property
+    def distance_spacing(self) -> np.ndarray | None:
+        """(N,2) mm spacing when known for every image, else None (distances in pixels);
+        mixing mm and pixels in one mean would be meaningless."""
+        if self.spacing is None or not np.isfinite(self.spacing).all():
+            return None
+        return np.asarray(self.spacing, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """One split of several models, checked to agree with each other and with the truth."""
+
+    split: str
+    truth: Truth
+    probs: dict[str, np.ndarray]  # model -> (N,C,H,W) float16 memmap
+
+    @property
+    def channels(self) -> int:
+        return int(next(iter(self.probs.values())).shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        """Label count of the metrics: background + foreground in region mode."""
+        return max(2, self.channels)
+
+
+class PredictionStore:
+    """Reads and writes `<run_dir>/predictions/`; every write is atomic and validated first,
+    so a failing call never replaces what is already there."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "predictions"
+
+    def __repr__(self) -> str:
+        return f"PredictionStore({str(self.run_dir)!r})"
+
+    # ------------------------------------------------------------------ paths
+    def model_dir(self, model: str) -> Path:
+        _check_model_name(model)
+        return self.root / model
+
+    def probs_path(self, model: str, split: str) -> Path:
+        return self.model_dir(model) / f"{_check_split(split)}.npz"
+
+    def truth_path(self, split: str) -> Path:
+        return self.root / TRUTH_DIR / f"{_check_split(split)}.npz"
+
+    def manifest_path(self, model: str) -> Path:
+        return self.model_dir(model) / "manifest.json"
+
+    # ------------------------------------------------------------------ writing
+    def write_probs(self, model: str, split: str, probs: Any, ids: Sequence[str]) -> Path:
+        """Validate (float, 4-D, finite, in [0,1]) and store as float16 with the ids."""
+        path = self.probs_path(model, split)
+        where = f"model {model!r} split {split!r}"
+        arr = _as_numpy(probs)
+        if arr.ndim != 4:
+            raise StoreError(f"{where}: probs must be (N,C,H,W), got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise StoreError(f"{where}: probs must be floating point, got {arr.dtype}")
+        if arr.shape[1] not in CHANNELS:
+            raise StoreError(f"{where}: probs have {arr.shape[1]} channels; expected 1 or 5")
+        id_arr = _as_ids(ids, arr.shape[0], where)
+        out = np.empty(arr.shape, dtype=np.float16)
+        for start in range(0, arr.shape[0], _VALIDATE_ROWS):
+            block = arr[start : start + _VALIDATE_ROWS]
+            check_probs_chunk(block, model, split, id_arr[start : start + _VALIDATE_ROWS])
+            out[start : start + _VALIDATE_ROWS] = np.clip(block, 0.0, 1.0)
+        atomic_savez(path, probs=out, ids=id_arr)
+        return path
+
+    def write_truth(
+        self,
+        split: str,
+        masks: Any,
+        ids: Sequence[str],
+        images: Any | None = None,
+        spacing: Any | None = None,
+    ) -> Path:
+        """Store the masks metrics use. Every model's process may call this: an identical
+        truth is a no-op, a different one is an error (the split would be ambiguous)."""
+        path = self.truth_path(split)
+        where = f"truth of split {split!r}"
+        masks = _as_numpy(masks)
+        if masks.ndim != 3:
+            raise StoreError(f"{where}: masks must be (N,H,W), got shape {masks.shape}")
+        if not np.issubdtype(masks.dtype, np.integer) and masks.dtype != np.bool_:
+            raise StoreError(f"{where}: masks must be integer labels, got {masks.dtype}")
+        if masks.size and (masks.min() < 0 or masks.max() > MAX_LABEL):
+            raise StoreError(f"{where}: mask labels must be in 0..{MAX_LABEL}")
+        n = masks.shape[0]
+        arrays: dict[str, np.ndarray] = {
+            "masks": masks.astype(np.uint8),
+            "ids": _as_ids(ids, n, where),
+        }
+        if images is not None:
+            images = _as_numpy(images)
+            if images.shape != masks.shape:
+                raise StoreError(f"{where}: images {images.shape} differ from masks {masks.shape}")
+            if images.dtype != np.uint8:
+                raise StoreError(f"{where}: images must be uint8, got {images.dtype}")
+            arrays["images"] = images
+        if spacing is not None:
+            sp = np.asarray(spacing, dtype=np.float32)
+            if sp.shape == (2,):
+                sp = np.broadcast_to(sp, (n, 2)).copy()
+            if sp.shape != (n, 2):
+                raise StoreError(f"{where}: spacing must be (N,2) or (2,), got {sp.shape}")
+            arrays["spacing"] = sp
+        if path.exists():
+            if _same_arrays(self._load_all(path), arrays):
+                return path
+            raise StoreError(
+                f"{path}: a different truth for split {split!r} is already stored; "
+                "remove it (or use a new run_dir) to replace it"
+            )
+        atomic_savez(path, **arrays)
+        return path
+
+    def write_manifest(self, model: str, manifest: dict[str, Any]) -> Path:
+        path = self.manifest_path(model)
+        data = dict(manifest)
+        if data.setdefault("model", model) != model:
+            raise StoreError(f"{path}: manifest names model {data['model']!r}, not {model!r}")
+        if data.get("status") not in STATUSES:
+            raise StoreError(
+                f"{path}: status {data.get('status')!r}; valid choices: {', '.join(STATUSES)}"
+            )
+        atomic_write_json(path, data)
+        return path
+
+    # ------------------------------------------------------------------ reading
+    def read_manifest(self, model: str) -> dict[str, Any] | None:
+        path = self.manifest_path(model)
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{path}: unreadable manifest ({err})") from err
+        if not isinstance(data, dict):
+            raise StoreError(f"{path}: manifest is not a JSON object")
+        return data
+
+    def models(self, status: str | None = "complete") -> list[str]:
+        """Model folders (sorted), filtered by manifest status; None lists every folder."""
+        if status is not None and status not in STATUSES:
+            raise StoreError(f"unknown status {status!r}; valid choices: {', '.join(STATUSES)}")
+        if not self.root.is_dir():
+            return []
+        names = sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith((".", "_")) and _MODEL_NAME.match(p.name)
+        )
+        if status is None:
+            return names
+        return [m for m in names if (self._status(m) == status)]
+
+    def _status(self, model: str) -> str | None:
+        try:
+            manifest = self.read_manifest(model)
+        except StoreError:
+            return None
+        return None if manifest is None else manifest.get("status")
+
+    def splits_of(self, model: str) -> list[str]:
+        return [s for s in SPLITS if self.probs_path(model, s).is_file()]
+
+    def is_complete(self, model: str, splits: Sequence[str]) -> bool:
+        """Manifest says complete and every split's file opens with consistent headers."""
+        if self._status(model) != "complete":
+            return False
+        try:
+            for split in splits:
+                self.probs(model, split)
+                self.ids(model, split)
+        except StoreError:
+            return False
+        return True
+
+    def probs(self, model: str, split: str, mmap: bool = True) -> np.ndarray:
+        """(N,C,H,W) float16, memory-mapped unless `mmap` is False (or the member is
+        compressed), so a chunk costs memory only when it is sliced out."""
+        path = self._existing(self.probs_path(model, split), f"model {model!r}", split)
+        arr = _read_member(path, "probs", mmap)
+        ids = self.ids(model, split)
+        if arr.ndim != 4 or arr.shape[1] not in CHANNELS or arr.dtype != np.float16:
+            raise StoreError(
+                f"{path}: probs must be float16 (N,C,H,W) with C in 1|5, got "
+                f"{arr.dtype} {arr.shape}"
+            )
+        if arr.shape[0] != len(ids):
+            raise StoreError(f"{path}: {arr.shape[0]} probability maps but {len(ids)} ids")
+        return arr
+
+    def ids(self, model: str, split: str) -> np.ndarray:
+        path = self._existing(self.probs_path(model, split), f"model {model!r}", split)
+        return _read_ids(path)
+
+    def truth(self, split: str) -> Truth:
+        path = self._existing(self.truth_path(split), "truth", split)
+        masks = _read_member(path, "masks", True)
+        ids = _read_ids(path)
+        members = _member_names(path)
+        images = _read_member(path, "images", True) if "images" in members else None
+        spacing = _read_member(path, "spacing", False) if "spacing" in members else None
+        if masks.ndim != 3 or masks.shape[0] != len(ids):
+            raise StoreError(f"{path}: masks {masks.shape} do not match {len(ids)} ids")
+        if images is not None and images.shape != masks.shape:
+            raise StoreError(f"{path}: images {images.shape} differ from masks {masks.shape}")
+        if spacing is not None and spacing.shape != (len(ids), 2):
+            raise StoreError(f"{path}: spacing {spacing.shape} is not ({len(ids)}, 2)")
+        return Truth(split, masks, ids, images, spacing)
+
+    def has_truth(self, split: str) -> bool:
+        return self.truth_path(split).is_file()
+
+    def open_split(self, models: Sequence[str], split: str) -> SplitData:
+        """The truth and every model's memmap of `split`, after checking that ids, image
+        sizes and channel counts agree; errors name the model, split and first odd id."""
+        if not models:
+            raise StoreError(f"split {split!r}: no models to read")
+        missing = [m for m in models if not self.probs_path(m, split).is_file()]
+        if missing:
+            raise StoreError(
+                f"split {split!r} is missing for model(s) {', '.join(missing)} "
+                f"(e.g. {self.probs_path(missing[0], split)})"
+            )
+        truth = self.truth(split)
+        probs: dict[str, np.ndarray] = {}
+        channels: int | None = None
+        for model in models:
+            check_ids(self.ids(model, split), truth.ids, model, split)
+            arr = self.probs(model, split)
+            if arr.shape[2:] != truth.masks.shape[1:]:
+                raise StoreError(
+                    f"model {model!r} split {split!r}: probability maps are "
+                    f"{tuple(arr.shape[2:])} but truth masks are {tuple(truth.masks.shape[1:])}"
+                )
+            if channels is not None and arr.shape[1] != channels:
+                raise StoreError(
+                    f"model {model!r} split {split!r}: {arr.shape[1]} channels, but "
+                    f"{models[0]!r} has {channels}; region and vertebrae models cannot be mixed"
+                )
+            channels = arr.shape[1]
+            probs[model] = arr
+        # No scan of the masks here (it would map all N of them): in region mode the metrics
+        # score any nonzero label as foreground, i.e. the union Th8..Th11 the region is.
+        return SplitData(split, truth, probs)
+
+    # ------------------------------------------------------------------ internals
+    def _existing(self, path: Path, who: str, split: str) -> Path:
+        if not path.is_file():
+            raise StoreError(f"{who} has no {split!r} split: {path} does not exist")
+        return path
+
+    def _load_all(self, path: Path) -> dict[str, np.ndarray]:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise StoreError(f"{path}: corrupt or truncated npz ({err})") from err
+
+
+# ---------------------------------------------------------------------- chunked reading
+def iter_chunks(n: int, chunk_size: int) -> list[slice]:
+    if chunk_size < 1:
+        raise StoreError(f"chunk_size must be >= 1, got {chunk_size}")
+    return [slice(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+
+def load_chunk(
+    arrays: Sequence[np.ndarray],
+    models: Sequence[str],
+    split: str,
+    ids: np.ndarray,
+    sl: slice | np.ndarray,
+) -> np.ndarray:
+    """(K,n,C,H,W) float32 of images `sl` (slice or index array) from K arrays (memmaps or
+    in memory), value-checked, so that only this chunk is ever resident."""
+    index = np.arange(len(ids))[sl]
+    # torch's allocator + cast: numpy's float16 cast is ~8x slower, and torch copying into
+    # freshly mmapped numpy pages from two threads stalls on page faults.
+    out = torch.empty((len(arrays), len(index), *arrays[0].shape[1:]), dtype=torch.float32)
+    for k, (arr, model) in enumerate(zip(arrays, models, strict=True)):
+        src = read_rows(arr, sl)
+        if src.flags.writeable and src.dtype.isnative and src.flags.c_contiguous:
+            out[k].copy_(torch.from_numpy(src))
+        else:  # torch refuses read-only / byte-swapped arrays
+            out[k].numpy()[...] = src
+        check_probs_chunk(out[k].numpy(), model, split, ids[sl])
+    return out.numpy()
+
+
+def read_rows(arr: np.ndarray, sl: slice | np.ndarray) -> np.ndarray:
+    """`arr[sl]`, but a contiguous slice of a whole-file memmap is read with one pread.
+
+    Pages touched through a mapping stay mapped, and count in the process's RSS, until the
+    map is closed: slicing the memmap would make resident memory grow with N although the
+    data are only the page cache. Reading the byte range keeps it at one chunk."""
+    contiguous = isinstance(sl, slice) and sl.step in (None, 1)
+    if not (
+        contiguous
+        and isinstance(arr, np.memmap)
+        and isinstance(arr.base, mmap.mmap)
+        and arr.flags.c_contiguous
+        and arr.filename
+    ):
+        return arr[sl]
+    start, stop, _ = sl.indices(arr.shape[0])
+    row = int(np.prod(arr.shape[1:], dtype=np.int64))
+    count = max(0, stop - start) * row
+    data = np.fromfile(
+        arr.filename,
+        dtype=arr.dtype,
+        count=count,
+        offset=arr.offset + start * row * arr.dtype.itemsize,
+    )
+    if data.size != count:
+        raise StoreError(
+            f"{arr.filename}: truncated (expected {count} values from image "
+            f"{start}, read {data.size})"
+        )
+    return data.reshape(max(0, stop - start), *arr.shape[1:])
+
+
+# ---------------------------------------------------------------------- validation helpers
+def check_probs_chunk(
+    chunk: np.ndarray, model: str, split: str, ids: Sequence[str], tol: float = PROB_TOL
+) -> None:
+    """Raise StoreError naming model, split and image if a chunk holds NaN/inf or values
+    outside [0,1]; evaluation calls this on every chunk it reads."""
+    flat = np.asarray(chunk).reshape(len(chunk), -1)
+    if flat.shape[1] == 0:
+        return
+    # min/max propagate NaN and expose inf: two reductions, no temporary mask
+    low, high = flat.min(axis=1), flat.max(axis=1)
+    finite = np.isfinite(low) & np.isfinite(high)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise StoreError(
+            f"model {model!r} split {split!r} image {str(ids[i])!r}: "
+            "probabilities contain NaN or inf"
+        )
+    bad = (low < -tol) | (high > 1 + tol)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise StoreError(
+            f"model {model!r} split {split!r} image {str(ids[i])!r}: probabilities "
+            f"outside [0,1] (min {low[i]:.4g}, max {high[i]:.4g})"
+        )
+
+
+def check_ids(ids: np.ndarray, expected: np.ndarray, model: str, split: str) -> None:
+    """Predictions must list exactly the truth's images in the truth's order."""
+    if len(ids) == len(expected) and np.array_equal(ids, expected):
+        return
+    n = min(len(ids), len(expected))
+    diff = np.flatnonzero(np.asarray(ids[:n]) != np.asarray(expected[:n]))
+    if diff.size:
+        i = int(diff[0])
+        raise StoreError(
+            f"model {model!r} split {split!r}: ids differ from the truth at "
+            f"index {i}: {str(ids[i])!r} vs {str(expected[i])!r}"
+        )
+    raise StoreError(
+        f"model {model!r} split {split!r}: {len(ids)} ids but the truth has "
+        f"{len(expected)} (first extra id: "
+        f"{str((ids if len(ids) > n else expected)[n])!r})"
+    )
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise StoreError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
+    return split
+
+
+def _check_model_name(model: str) -> None:
+    if not isinstance(model, str) or not _MODEL_NAME.match(model):
+        raise StoreError(
+            f"invalid model name {model!r}: use letters, digits and ._+=@,- "
+            "(not starting with _ or .)"
+        )
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _as_ids(ids: Sequence[str], n: int, where: str) -> np.ndarray:
+    arr = np.asarray([str(i) for i in ids], dtype=str)
+    if arr.ndim != 1 or len(arr) != n:
+        raise StoreError(f"{where}: {len(arr)} ids for {n} images")
+    if n == 0:
+        raise StoreError(f"{where}: no images")
+    uniq, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        raise StoreError(f"{where}: duplicate id {str(uniq[np.argmax(counts > 1)])!r}")
+    return arr
+
+
+def _same_arrays(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> bool:
+    if set(old) != set(new):
+        return False
+    return all(
+        old[k].shape == new[k].shape
+        and np.array_equal(old[k], new[k], equal_nan=new[k].dtype.kind == "f")
+        for k in new
+    )
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise StoreError(f"{path}: corrupt or truncated npz ({err})") from err
+
+
+def _member_names(path: Path) -> set[str]:
+    with _open_zip(path) as zf:
+        return {n.removesuffix(".npy") for n in zf.namelist()}
+
+
+def _read_ids(path: Path) -> np.ndarray:
+    ids = _read_member(path, "ids", False)
+    if ids.ndim != 1 or ids.dtype.kind not in "US":
+        raise StoreError(f"{path}: ids must be a 1-D string array, got {ids.dtype} {ids.shape}")
+    return ids.astype(str)
+
+
+def _read_member(path: Path, name: str, mmap: bool) -> np.ndarray:
+    """One array of an npz; memory-mapped in place when stored uncompressed."""
+    member = f"{name}.npy"
+    try:
+        with _open_zip(path) as zf:
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                raise StoreError(
+                    f"{path}: no {name!r} array (has {', '.join(sorted(zf.namelist()))})"
+                ) from None
+            if mmap and info.compress_type == zipfile.ZIP_STORED:
+                mapped = _memmap_member(path, zf, info)
+                if mapped is not None:
+                    return mapped
+            with zf.open(info) as fh:
+                return np.lib.format.read_array(fh, allow_pickle=False)
+    except StoreError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, struct.error) as err:
+        raise StoreError(f"{path}: corrupt or truncated npz member {name!r} ({err})") from err
+
+
+def _memmap_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """Map a stored .npy member: its data start is the local header + name + extra field
+    (read from the local header; it can differ from the central directory's) + npy header."""
+    fh = zf.fp
+    if fh is None:
+        return None
+    fh.seek(info.header_offset)
+    sig, *_rest, name_len, extra_len = _LOCAL_HEADER.unpack(fh.read(_LOCAL_HEADER.size))
+    if sig != b"PK\x03\x04":
+        raise StoreError(f"{path}: bad zip local header for {info.filename}")
+    start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    fh.seek(start)
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        return None
+    if dtype.hasobject:
+        raise StoreError(f"{path}: {info.filename} holds Python objects")
+    offset = fh.tell()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if offset - start + nbytes != info.file_size or offset + nbytes > path.stat().st_size:
+        raise StoreError(f"{path}: {info.filename} is truncated")
+    if nbytes == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(
+        path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
+    )

@@ -1,0 +1,75 @@
+"""Ensemble results to W&B: tables and figures, offline unless WANDB_MODE says otherwise.
+
+Films are patient data, so the overlay gallery is logged only with `log_images: true`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spineseg.utils.wandb import wandb_mode
+
+log = logging.getLogger(__name__)
+
+
+def _mode() -> str:
+    """Offline by default; an explicit WANDB_MODE=online needs a configured key (no prompt)."""
+    return wandb_mode() if os.environ.get("WANDB_MODE") else "offline"
+
+
+def _table(df: pd.DataFrame) -> Any:
+    import wandb
+
+    clean = df.copy()
+    for col in clean.columns:
+        if clean[col].dtype.kind == "f":
+            clean[col] = clean[col].where(np.isfinite(clean[col]), None)
+    return wandb.Table(dataframe=clean)
+
+
+def log_results(
+    run_dir: str | Path,
+    wcfg: Mapping[str, Any],
+    results: pd.DataFrame,
+    per_image: pd.DataFrame,
+    figures: Mapping[str, Path],
+    galleries: Mapping[str, Path] | None = None,
+    selection: Mapping[str, Any] | None = None,
+) -> Path | None:
+    """One `job_type="ensemble"` run under `<run_dir>/wandb/`; returns its local folder."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    mode = _mode()
+    run = wandb.init(
+        project=wcfg.get("project") or "spineseg",
+        group=wcfg.get("group"),
+        job_type="ensemble",
+        name=f"ensemble-{Path(run_dir).name}",
+        dir=str(run_dir),
+        mode=mode,  # type: ignore[arg-type]
+        config={"selection": dict(selection or {})},
+        reinit="create_new",
+    )
+    try:
+        run.log({"ensemble/results": _table(results), "ensemble/per_image": _table(per_image)})
+        for name, path in figures.items():
+            run.log({f"ensemble/{name}": wandb.Image(str(path))})
+        if wcfg.get("log_images"):
+            for name, path in (galleries or {}).items():
+                run.log({f"ensemble/{name}": wandb.Image(str(path))})
+        for row in results.itertuples(index=False):
+            if np.isfinite(row.dice_mean):
+                run.summary[f"{row.split}/{row.method}/dice_mean"] = float(row.dice_mean)
+        local = Path(run.dir).parent
+    finally:
+        run.finish()
+    log.info("W&B ensemble run (%s) in %s", mode, local)
+    return local
