@@ -91,9 +91,9 @@ def test_preprocessing_is_deterministic_uint8(name):
 
 
 def test_unknown_presets_name_the_choices(tmp_path):
-    with pytest.raises(ConfigError, match="valid choices: .*clahe"):
+    with pytest.raises(ConfigError, match=r"valid choices: .*clahe"):
         _dm(tmp_path, preprocess="clahee")
-    with pytest.raises(ConfigError, match="valid choices: .*strong"):
+    with pytest.raises(ConfigError, match=r"valid choices: .*strong"):
         _dm(tmp_path, augment="heavy")
 
 
@@ -133,7 +133,7 @@ def test_splits_file_from_another_dataset_is_refused(tmp_path):
     from spineseg.data import datamodule as D
 
     D._MEMORY_CACHE.clear()
-    with pytest.raises(DataError, match="splits.csv does not match"):
+    with pytest.raises(DataError, match=r"splits\.csv does not match"):
         _dm(tmp_path, source_kwargs={**SMALL, "seed": 5, "n": 12}).setup()
 
 
