@@ -381,3 +381,16 @@ def test_staple_vote_pattern_counts_match_the_pixelwise_em():
     torch.testing.assert_close(fast.posterior, slow.posterior, atol=1e-4, rtol=0)
     torch.testing.assert_close(fast.sensitivity, slow.sensitivity, atol=1e-4, rtol=0)
     torch.testing.assert_close(fast.specificity, slow.specificity, atol=1e-4, rtol=0)
+
+
+def test_hard_vote_decides_by_majority_whatever_the_threshold():
+    """A tuned threshold binarises each model; the fused decision stays a strict majority."""
+    import torch
+
+    from spineseg.ensemble.voting import fuse_labels
+
+    probs = torch.tensor([0.35, 0.35, 0.1, 0.1]).view(4, 1, 1, 1, 1)  # 2 of 4 models above 0.3
+    assert fuse_labels("hard", probs, threshold=0.3).item() == 0  # a tie is background
+    probs = torch.tensor([0.35, 0.35, 0.35, 0.1]).view(4, 1, 1, 1, 1)  # 3 of 4 above 0.3
+    assert fuse_labels("hard", probs, threshold=0.3).item() == 1
+    assert fuse_labels("soft", probs, threshold=0.3).item() == 0  # mean 0.2875 < 0.3

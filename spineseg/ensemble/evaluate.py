@@ -194,7 +194,7 @@ def evaluate_arrays(
         sp = None if spacing is None else np.asarray(spacing[sl], dtype=np.float64)
         for rule in spec.rules:
             t = spec.thresholds.get(rule, spec.threshold)
-            labels = voting.to_labels(voting.fuse(rule, chunk, weights, threshold=t), t)
+            labels = voting.fuse_labels(rule, chunk, weights, threshold=t)
             add(rule, labels, truth, sl, sp)
         for k, model in enumerate(spec.models):
             add(MODEL_PREFIX + model, voting.to_labels(chunk[k], spec.threshold), truth, sl, sp)
@@ -398,7 +398,7 @@ def gallery_cases(
     chunk = torch.from_numpy(load_chunk(probs, spec.models, split, truth.ids, index))
     t = spec.thresholds.get(rule, spec.threshold)
     weights = torch.tensor(spec.weights, dtype=torch.float32)
-    labels = voting.to_labels(voting.fuse(rule, chunk, weights, threshold=t), t).numpy()
+    labels = voting.fuse_labels(rule, chunk, weights, threshold=t).numpy()
     disagree = voting.disagreement(chunk, spec.threshold).numpy()
     dice = scored.set_index("id")["dice"]
     cases = []

@@ -204,8 +204,8 @@ def tune_thresholds(
         masks = read_rows(data.truth.masks, sl)
         for r, rule in enumerate(rules):
             for g, t in enumerate(grid):
-                scores = voting.fuse(rule, probs, w, threshold=t)
-                dice = _chunk_dice(voting.to_labels(scores, t), masks, data.num_classes)
+                labels = voting.fuse_labels(rule, probs, w, threshold=t)
+                dice = _chunk_dice(labels, masks, data.num_classes)
                 sums[r, g] += np.nansum(dice)
                 n[r, g] += np.isfinite(dice).sum()
     with np.errstate(invalid="ignore"):

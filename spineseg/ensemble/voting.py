@@ -335,3 +335,17 @@ def disagreement(probs: Tensor, threshold: float = 0.5) -> Tensor:
         return torch.zeros(votes.shape[1:], dtype=torch.float32, device=probs.device)
     modal = _vote_fractions(votes, classes).amax(dim=1)
     return ((1.0 - modal) / (1.0 - 1.0 / min(k, classes))).clamp_(0.0, 1.0)
+
+
+#: Rules whose fused score is a vote fraction or a posterior: the threshold t binarises each
+#: model's probabilities, and the fused decision is then the majority / MAP at 0.5.
+#: Applying t a second time would turn a tuned t=0.3 into "30% of models", not a majority.
+DECIDE_AT_HALF = frozenset({"hard", "staple"})
+
+
+def fuse_labels(
+    name: str, probs: Tensor, weights: Tensor | None = None, threshold: float = 0.5
+) -> Tensor:
+    """`fuse` then `to_labels`, with the decision threshold each rule means."""
+    scores = fuse(name, probs, weights=weights, threshold=threshold)
+    return to_labels(scores, 0.5 if name in DECIDE_AT_HALF else threshold)

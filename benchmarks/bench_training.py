@@ -1,0 +1,133 @@
+"""Training throughput per lite preset, and the LightningModule's overhead over a bare
+PyTorch loop on the same model and batches (target: <= 5%).
+
+    uv run python benchmarks/bench_training.py [--size 128] [--steps 12] [--models ...]
+
+Both loops run interleaved in one process (bare, lightning, bare, lightning, ...) so machine
+noise hits both alike; the ratio is the median over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import lightning as L
+import torch
+from common import machine, peak_rss_mib
+from torch.utils.data import DataLoader, TensorDataset
+
+from spineseg.models.module import SegmentationModule
+
+
+class _Batches(TensorDataset):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return {"image": x, "mask": y, "id": str(i)}
+
+
+def _data(n: int, size: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, size, size, generator=g)
+    y = (torch.rand(n, size, size, generator=g) > 0.8).long()
+    return DataLoader(_Batches(x, y), batch_size=8, shuffle=False)
+
+
+def bare_loop(module: SegmentationModule, loader: DataLoader) -> float:
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    module.train()
+    start = time.perf_counter()
+    for batch in loader:
+        opt.zero_grad(set_to_none=True)
+        loss = module.loss(module.net(batch["image"]), batch["mask"])
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def lightning_loop(module: SegmentationModule, loader: DataLoader) -> float:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--models",
+        nargs="*",
+        default=[
+            "Unet:0",
+            "FPN:0",
+            "Linknet:0",
+            "UnetPlusPlus:0",
+            "MAnet:0",
+            "DeepLabV3Plus:0",
+            "Unet:2",
+            "Segformer:2",
+        ],
+    )
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    loader = _data(args.steps * 8, args.size)
+    rows = []
+    for spec in args.models:
+        arch, lite = spec.split(":")
+        module = SegmentationModule(arch, f"tu-efficientnet_lite{lite}", "offline", scheduler=None)
+        bare_loop(module, loader)  # warm-up (allocator, kernels)
+        bare, light = [], []
+        for _ in range(args.repeats):
+            bare.append(bare_loop(module, loader))
+            light.append(lightning_loop(module, loader))
+        b, lt = statistics.median(bare), statistics.median(light)
+        rows.append(
+            {
+                "model": f"{arch}/lite{lite}",
+                "img_per_s": round(len(loader.dataset) / b, 1),
+                "bare_s": round(b, 3),
+                "lightning_s": round(lt, 3),
+                "overhead_pct": round(100 * (lt - b) / b, 1),
+            }
+        )
+        print(rows[-1], flush=True)
+    result = {
+        "machine": machine(),
+        "size": args.size,
+        "batch": 8,
+        "images": len(loader.dataset),
+        "peak_rss_mib": round(peak_rss_mib()),
+        "rows": rows,
+    }
+    print(
+        f"\n{result['machine']}; {args.size}x{args.size}, batch 8, "
+        f"{len(loader.dataset)} images/epoch; peak RSS {result['peak_rss_mib']} MiB\n"
+    )
+    print("| model | train img/s | bare loop (s) | Lightning (s) | overhead |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['img_per_s']} | {r['bare_s']} | {r['lightning_s']} | "
+            f"{r['overhead_pct']:+.1f}% |"
+        )
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
