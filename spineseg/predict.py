@@ -1,0 +1,261 @@
+"""Apply a run's selected ensemble to new films.
+
+The ensemble is what `spineseg-ensemble` chose on validation (`<run_dir>/ensemble/
+selection.json`): its models are rebuilt from their checkpoints (weights_only, nothing is
+downloaded) and every film goes through exactly the training pipeline (to_uint8 -> working
+resolution -> preprocessing -> normalisation), so the models see what they were trained on.
+Rules fuse at working resolution, as they were evaluated; results are mapped back onto the
+original film.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from spineseg.data import geometry as G
+from spineseg.ensemble import voting
+from spineseg.errors import ConfigError, DataError, StoreError, choices_message
+
+if TYPE_CHECKING:  # Lightning takes ~10 s to import: only once the run dir checks out
+    from spineseg.models.module import SegmentationModule
+
+SELECTION = Path("ensemble") / "selection.json"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The data settings a model was trained with; all ensemble members must share them."""
+
+    target: str
+    image_size: tuple[int, int]
+    resize: str
+    preprocess: str
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: Path) -> Pipeline:
+        data = config.get("data") if isinstance(config, dict) else None
+        if not isinstance(data, dict):
+            raise StoreError(f"{where}: manifest has no config.data (image_size, resize, ...)")
+        try:
+            return cls(
+                str(data.get("target", "region")),
+                G.check_size(data["image_size"]),
+                str(data.get("resize", "stretch")),
+                str(data.get("preprocess", "none")),
+            )
+        except KeyError as err:
+            raise StoreError(f"{where}: config.data lacks {err.args[0]!r}") from None
+
+
+@dataclass
+class Prediction:
+    """One film's result, at the film's original resolution."""
+
+    probability: np.ndarray  # float32 HxW: P(region), or the max foreground class score
+    labels: np.ndarray  # uint8 HxW: region 0/1, vertebrae 0..4
+    uncertainty: np.ndarray  # float32 HxW: model disagreement in [0, 1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.labels.shape[0], self.labels.shape[1]
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without one is a config error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.split(":")[0] not in DEVICES[1:]:
+        raise ConfigError(choices_message("device", device, list(DEVICES)))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but no CUDA device is available; use device=cpu")
+    return torch.device(device)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise StoreError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    except ValueError as err:
+        raise StoreError(f"{path}: unreadable {what} ({err})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def _checkpoint_path(value: Any, run_dir: Path, manifest: Path) -> Path:
+    """Absolute as written by training; a relative path is tried under run_dir, then cwd."""
+    if not value:
+        raise StoreError(f"{manifest}: no checkpoint recorded for this model")
+    path = Path(str(value))
+    candidates = [path] if path.is_absolute() else [run_dir / path, path]
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    raise StoreError(f"{manifest}: checkpoint {path} does not exist")
+
+
+def _load_module(path: Path, device: torch.device) -> SegmentationModule:
+    from spineseg.models.module import SegmentationModule
+
+    try:
+        module = SegmentationModule.from_checkpoint(path, map_location="cpu")
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise StoreError(f"{path}: cannot load checkpoint ({msg})") from None
+    return module.to(device).eval()
+
+
+class Ensemble:
+    """The selected models plus the voting rule and its validation-chosen threshold."""
+
+    def __init__(
+        self,
+        models: Sequence[SegmentationModule],
+        names: Sequence[str],
+        pipeline: Pipeline,
+        rule: str = "soft",
+        weights: Sequence[float] | None = None,
+        threshold: float = 0.5,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if rule not in voting.RULES:
+            raise ConfigError(choices_message("voting rule", rule, list(voting.RULES)))
+        if not models:
+            raise StoreError("the ensemble has no models")
+        self.models = list(models)
+        self.names = list(names)
+        self.pipeline = pipeline
+        self.rule = rule
+        self.weights = None if weights is None else torch.tensor(list(weights), dtype=torch.float32)
+        self.threshold = float(threshold)
+        self.device = torch.device(device)
+
+    @property
+    def target(self) -> str:
+        return self.pipeline.target
+
+    @property
+    def decision_threshold(self) -> float:
+        """Vote-fraction / posterior rules decide at 0.5; `threshold` binarised each model."""
+        return 0.5 if self.rule in voting.DECIDE_AT_HALF else self.threshold
+
+    def to_input(self, image: np.ndarray) -> tuple[torch.Tensor, G.Geometry]:
+        """Film -> normalised (1, H, W) working tensor, exactly as `prepare` + `FilmDataset`."""
+        from spineseg.data import transforms as T
+        from spineseg.data.datamodule import to_uint8
+
+        image = np.asarray(image)
+        if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16):
+            raise DataError(
+                None,
+                f"expected a HxW uint8/uint16 film, got {image.dtype} with shape {image.shape}",
+            )
+        p = self.pipeline
+        blank = np.zeros(image.shape, np.uint8)
+        img, _, geom = G.to_working(to_uint8(image), blank, p.image_size, p.resize)
+        img = T.preprocess(img, p.preprocess)
+        x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(255.0)
+        return ((x - T.GRAY_MEAN) / T.GRAY_STD)[None], geom
+
+    def model_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) inputs -> every model's probabilities (K, N, C, H, W) on the CPU."""
+        from spineseg.models.module import probabilities
+
+        x = x.to(self.device)
+        with torch.inference_mode():
+            out = [probabilities(m(x).float(), self.target) for m in self.models]
+            return torch.stack(out).cpu()
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Films of any sizes share the working resolution, so they run as one batch."""
+        if not images:
+            return []
+        inputs = [self.to_input(im) for im in images]
+        probs = self.model_probs(torch.stack([x for x, _ in inputs]))
+        scores = voting.fuse(self.rule, probs, weights=self.weights, threshold=self.threshold)
+        spread = voting.disagreement(probs, self.threshold)
+        return [
+            self._to_original(scores[i].numpy(), spread[i].numpy(), g)
+            for i, (_, g) in enumerate(inputs)
+        ]
+
+    def predict(self, image: np.ndarray) -> Prediction:
+        return self.predict_batch([image])[0]
+
+    def _to_original(self, scores: np.ndarray, spread: np.ndarray, g: G.Geometry) -> Prediction:
+        """Scores are mapped back (bilinear) before deciding, so the labels are exactly the
+        decision rule applied to the returned probability map."""
+        full = G.to_original(np.ascontiguousarray(scores, dtype=np.float32), g)
+        full = full.reshape(-1, g.orig_h, g.orig_w)
+        if full.shape[0] == 1:
+            probability = full[0]
+            labels = (probability > self.decision_threshold).astype(np.uint8)
+        else:
+            probability = full[1:].max(axis=0)
+            labels = voting.to_labels(torch.from_numpy(full[None])).numpy()[0]
+        uncertainty = G.to_original(np.ascontiguousarray(spread, dtype=np.float32), g)
+        return Prediction(
+            np.clip(probability, 0.0, 1.0).astype(np.float32),
+            labels.astype(np.uint8),
+            np.clip(uncertainty, 0.0, 1.0).astype(np.float32).reshape(g.orig_h, g.orig_w),
+        )
+
+
+def load_ensemble(run_dir: str | Path, rule: str = "soft", device: str = "cpu") -> Ensemble:
+    """The ensemble `spineseg-ensemble` selected in `run_dir`, ready to predict."""
+    run_dir = Path(run_dir)
+    if rule not in voting.RULES:
+        raise ConfigError(choices_message("voting rule", rule, list(voting.RULES)))
+    if not run_dir.is_dir():
+        raise StoreError(f"run_dir {run_dir} does not exist")
+    sel_path = run_dir / SELECTION
+    if not sel_path.is_file():
+        raise StoreError(
+            f"{sel_path} does not exist: run `spineseg-ensemble run_dir={run_dir}` first"
+        )
+    selection = _read_json(sel_path, "selection")
+    names = selection.get("models")
+    if not isinstance(names, list) or not names:
+        raise StoreError(f"{sel_path}: no selected models")
+    raw_w = selection.get("weights") or {}
+    thresholds = selection.get("thresholds") or {}
+    try:
+        weights = [float(raw_w[m]) for m in names] if isinstance(raw_w, dict) else None
+    except (KeyError, TypeError, ValueError):
+        raise StoreError(f"{sel_path}: weights do not name every selected model") from None
+    dev = resolve_device(device)
+    pipelines: set[Pipeline] = set()
+    checkpoints = []
+    for name in names:
+        man_path = run_dir / "predictions" / str(name) / "manifest.json"
+        if not man_path.is_file():
+            raise StoreError(f"{man_path} does not exist: selected model {name!r} has no manifest")
+        manifest = _read_json(man_path, "manifest")
+        if manifest.get("status") != "complete":
+            raise StoreError(f"{man_path}: model {name!r} is {manifest.get('status')!r}")
+        pipelines.add(Pipeline.from_config(manifest.get("config") or {}, man_path))
+        checkpoints.append(_checkpoint_path(manifest.get("checkpoint"), run_dir, man_path))
+    if len(pipelines) > 1:
+        raise StoreError(f"{sel_path}: selected models were trained with different data settings")
+    pipeline = pipelines.pop()
+    modules = [_load_module(ckpt, dev) for ckpt in checkpoints]
+    if any(m.target != pipeline.target for m in modules):
+        raise StoreError(f"{sel_path}: a checkpoint's target differs from its config's")
+    return Ensemble(
+        modules,
+        names,
+        pipeline,
+        rule=rule,
+        weights=weights,
+        threshold=float(thresholds.get(rule, 0.5)),
+        device=dev,
+    )

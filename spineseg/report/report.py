@@ -1,0 +1,503 @@
+"""The paper-style report of one run directory: Markdown + self-contained HTML + PNG figures.
+
+Everything is read back from files the sweep and the ensemble step wrote (manifests,
+selection.json, results.csv/json, per_image.csv), so the report can be rebuilt at any time
+without touching a model, and a missing step (no ensemble, no ablation) becomes a note
+instead of an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from spineseg.ensemble.store import PredictionStore
+from spineseg.errors import SpinesegError, StoreError
+from spineseg.report import figures as figs
+from spineseg.utils.io import atomic_open, atomic_write_text
+
+BEST = "best_single"
+MODEL_PREFIX = "model:"
+SELECTED_COLOR = "#d62728"
+OTHER_COLOR = "#c6dbef"
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
+th, td { border: 1px solid #bbb; padding: 3px 7px; text-align: right; }
+th { background: #eef2f7; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+.note { color: #555; font-style: italic; }
+"""
+
+
+class ReportError(SpinesegError):
+    """The run directory cannot be reported on (missing, or no predictions in it)."""
+
+
+@dataclass
+class RunData:
+    """Everything the report reads from one run directory; None where a step did not run."""
+
+    run_dir: Path
+    models: pd.DataFrame
+    selection: dict[str, Any] | None = None
+    results: pd.DataFrame | None = None
+    per_image: pd.DataFrame | None = None
+    results_json: dict[str, Any] = field(default_factory=dict)
+    ablation: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- loading
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{path}: unreadable JSON ({err})") from err
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def load_models(run_dir: str | Path, selection: dict[str, Any] | None = None) -> pd.DataFrame:
+    """One row per model folder in the store (any status), with val/test/external Dice/IoU
+    from its manifest; `selected` marks the top-k of `selection`, `sel_val_dice` is the
+    validation Dice the selection ranked by (recomputed from the stored probabilities)."""
+    store = PredictionStore(run_dir)
+    chosen = set((selection or {}).get("models") or [])
+    scores = (selection or {}).get("scores") or {}
+    rows = []
+    for name in store.models(status=None):
+        try:
+            m = store.read_manifest(name) or {}
+            status = m.get("status", "no manifest")
+        except StoreError as err:
+            m, status = {"error": str(err)}, "unreadable"
+        val, test = m.get("val_metrics") or {}, m.get("test_metrics") or {}
+        preset = m.get("preset") or {}
+        rows.append(
+            {
+                "model": name,
+                "arch": preset.get("arch"),
+                "encoder": preset.get("encoder"),
+                "status": status,
+                "selected": name in chosen,
+                "val_dice": _num(val.get("dice")),
+                "val_iou": _num(val.get("iou")),
+                "sel_val_dice": _num(scores.get(name)),
+                "test_dice": _num(test.get("test/dice")),
+                "test_iou": _num(test.get("test/iou")),
+                "external_dice": _num(test.get("external/dice")),
+                "external_iou": _num(test.get("external/iou")),
+                "elapsed_s": _num(m.get("elapsed_s")),
+                "error": m.get("error"),
+            }
+        )
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    rank_by = df["sel_val_dice"].where(df["sel_val_dice"].notna(), df["val_dice"])
+    df["rank_score"] = rank_by
+    return df.sort_values(["rank_score", "model"], ascending=[False, True]).reset_index(drop=True)
+
+
+def load_ablation(run_dir: str | Path, main_models: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Val/test/external Dice of every model in `<run_dir>/ablation/augment-<v>/`, plus the
+    main sweep's row for the same models (its own augment setting) for reference."""
+    root = Path(run_dir) / "ablation"
+    rows: list[dict[str, Any]] = []
+    subs = [p for p in root.glob("augment-*") if p.is_dir()]
+    for sub in sorted(subs, key=lambda p: (p.name != "augment-none", p.name)):  # off first
+        value = sub.name.removeprefix("augment-")
+        if not (sub / "predictions").is_dir():
+            rows.append({"augment": value, "model": "-", "status": "no predictions"})
+            continue
+        for _, r in load_models(sub).iterrows():
+            rows.append({"augment": value, **_ablation_cols(r)})
+    if rows and main_models is not None and not main_models.empty:
+        names = {r["model"] for r in rows}
+        setting = _config_value(Path(run_dir), ("data", "augment"))
+        for _, r in main_models[main_models["model"].isin(names)].iterrows():
+            rows.append({"augment": f"{setting} (main sweep)", **_ablation_cols(r)})
+    return pd.DataFrame(rows)
+
+
+def _ablation_cols(r: pd.Series) -> dict[str, Any]:
+    return {
+        "model": r["model"],
+        "status": r["status"],
+        "val_dice": r["val_dice"],
+        "test_dice": r["test_dice"],
+        "external_dice": r["external_dice"],
+    }
+
+
+def _first_config(run_dir: Path) -> dict[str, Any]:
+    """The resolved training config of the first complete model (they share data/trainer)."""
+    store = PredictionStore(run_dir)
+    for name in store.models(status="complete"):
+        try:
+            cfg = (store.read_manifest(name) or {}).get("config")
+        except StoreError:
+            continue
+        if isinstance(cfg, dict) and cfg:
+            return cfg
+    return {}
+
+
+def _config_value(run_dir: Path, keys: tuple[str, ...]) -> Any:
+    node: Any = _first_config(run_dir)
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run directory; raises ReportError when there is nothing to report."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"run_dir {run_dir} does not exist")
+    if not (run_dir / "predictions").is_dir():
+        raise ReportError(f"{run_dir / 'predictions'} does not exist: no predictions in {run_dir}")
+    notes: list[str] = []
+    ens = run_dir / "ensemble"
+    selection = _read_json(ens / "selection.json") if (ens / "selection.json").is_file() else None
+    models = load_models(run_dir, selection)
+    if models.empty:
+        raise ReportError(f"{run_dir / 'predictions'}: no model folders")
+    data = RunData(run_dir, models, selection, notes=notes)
+    if (ens / "results.csv").is_file():
+        data.results = pd.read_csv(ens / "results.csv")
+        if (ens / "per_image.csv").is_file():
+            data.per_image = pd.read_csv(ens / "per_image.csv")
+        if (ens / "results.json").is_file():
+            data.results_json = _read_json(ens / "results.json")
+    else:
+        notes.append(
+            "The ensemble step has not run yet (no ensemble/results.csv): run "
+            f"`spineseg-ensemble run_dir={run_dir}` and rebuild the report."
+        )
+    if (run_dir / "ablation").is_dir():
+        data.ablation = load_ablation(run_dir, models)
+    return data
+
+
+# ---------------------------------------------------------------------- tables
+def _f(value: Any, digits: int = 4) -> str:
+    v = _num(value)
+    return "n/a" if not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def models_table(models: pd.DataFrame) -> pd.DataFrame:
+    """Table (a): every model of the sweep, best validation Dice first, selected marked."""
+    has_sel = models["sel_val_dice"].notna().any()
+    out = pd.DataFrame(
+        {
+            "rank": np.arange(1, len(models) + 1),
+            "model": models["model"],
+            "arch / encoder": [
+                f"{a} / {e}" for a, e in zip(models["arch"], models["encoder"], strict=True)
+            ],
+            "status": models["status"],
+            "selected": ["✓" if s else "" for s in models["selected"]],
+        }
+    )
+    if has_sel:
+        out["val Dice (selection)"] = [_f(v) for v in models["sel_val_dice"]]
+    for col, label in (
+        ("val_dice", "val Dice"),
+        ("val_iou", "val IoU"),
+        ("test_dice", "test Dice"),
+        ("test_iou", "test IoU"),
+        ("external_dice", "external Dice"),
+        ("external_iou", "external IoU"),
+    ):
+        out[label] = [_f(v) for v in models[col]]
+    out["time (s)"] = [_f(v, 1) for v in models["elapsed_s"]]
+    return out
+
+
+def failures_table(models: pd.DataFrame) -> pd.DataFrame:
+    """Models that did not complete, with the error their manifest recorded."""
+    bad = models[models["status"] != "complete"]
+    errors = [
+        re.sub(r"\s+", " ", str(e or "")).replace("|", "/")[:200] or "-" for e in bad["error"]
+    ]
+    return pd.DataFrame({"model": bad["model"], "status": bad["status"], "error": errors})
+
+
+def ablation_table(ablation: pd.DataFrame) -> pd.DataFrame:
+    """Table (b): augmentation setting x model, val/test/external Dice."""
+    out = ablation.reindex(columns=["augment", "model", "status"]).fillna("-")
+    for col, label in (
+        ("val_dice", "val Dice"),
+        ("test_dice", "test Dice"),
+        ("external_dice", "external Dice"),
+    ):
+        out[label] = [_f(v) for v in ablation.get(col, pd.Series([math.nan] * len(ablation)))]
+    return out
+
+
+def rule_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """The voting rules and the best single model (not the individual selected models)."""
+    return results[~results["method"].astype(str).str.startswith(MODEL_PREFIX)]
+
+
+def rules_table(results: pd.DataFrame, unit: str | None = None) -> pd.DataFrame:
+    """Table (c): rules x split with Dice mean ± sd [95% CI], IoU, precision, recall,
+    HD95/ASSD in `unit`, relative improvement over best single and Wilcoxon p."""
+
+    def ms(mean: Any, sd: Any) -> str:
+        if not math.isfinite(_num(mean)):
+            return "n/a"
+        return f"{_f(mean)} ± {_f(sd)}" if math.isfinite(_num(sd)) else _f(mean)
+
+    r = rule_rows(results)
+    units = r["distance_unit"] if "distance_unit" in r else pd.Series(["px"] * len(r))
+    unit = unit or "/".join(dict.fromkeys(units.astype(str)))
+    return pd.DataFrame(
+        {
+            "split": r["split"],
+            "method": r["method"],
+            "k": r["k"],
+            "n": r["n"],
+            "Dice mean ± sd [95% CI]": [
+                f"{ms(m, s)} [{_f(lo)}, {_f(hi)}]"
+                for m, s, lo, hi in zip(
+                    r["dice_mean"], r["dice_sd"], r["dice_ci_low"], r["dice_ci_high"], strict=True
+                )
+            ],
+            "IoU": [ms(m, s) for m, s in zip(r["iou_mean"], r["iou_sd"], strict=True)],
+            "precision": [_f(v) for v in r["precision_mean"]],
+            "recall": [_f(v) for v in r["recall_mean"]],
+            f"HD95 ({unit})": [ms(m, s) for m, s in zip(r["hd95_mean"], r["hd95_sd"], strict=True)],
+            f"ASSD ({unit})": [ms(m, s) for m, s in zip(r["assd_mean"], r["assd_sd"], strict=True)],
+            "Δ Dice vs best single (%)": [
+                "n/a" if not math.isfinite(_num(v)) else f"{_num(v):+.2f}"
+                for v in r["rel_improvement_pct"]
+            ],
+            "p (Wilcoxon)": [
+                "" if not math.isfinite(_num(p)) else f"{_num(p):.3g}"
+                for p in r["p_value_vs_best_single"]
+            ],
+        }
+    ).reset_index(drop=True)
+
+
+def distance_unit(data: RunData) -> str | None:
+    """The HD95/ASSD unit from results.json ("mm" or "px"; joined when splits differ)."""
+    units = data.results_json.get("distance_unit") or {}
+    return "/".join(dict.fromkeys(str(u) for u in units.values())) or None
+
+
+def key_config(data: RunData) -> dict[str, Any]:
+    """The settings a reader needs to interpret the numbers."""
+    cfg = _first_config(data.run_dir)
+    dcfg, tcfg = cfg.get("data") or {}, cfg.get("trainer") or {}
+    ens = data.results_json.get("config") or {}
+    sel = data.selection or {}
+    external = dcfg.get("external") or {}
+    return {
+        "run directory": str(data.run_dir),
+        "data source": dcfg.get("source", "n/a"),
+        "external source": external.get("source", "none") if external else "none",
+        "target": dcfg.get("target", "n/a"),
+        "image size (H×W)": "×".join(map(str, dcfg.get("image_size") or [])) or "n/a",
+        "augmentation": dcfg.get("augment", "n/a"),
+        "max epochs": tcfg.get("max_epochs", "n/a"),
+        "models in sweep": len(data.models),
+        "complete models": int((data.models["status"] == "complete").sum()),
+        "k (selected)": sel.get("k", ens.get("top_k", "n/a")),
+        "selection method": sel.get("method", ens.get("selection", "n/a")),
+        "validation images": sel.get("n_val", "n/a"),
+        "bootstrap resamples": ens.get("n_boot", "n/a"),
+    }
+
+
+# ---------------------------------------------------------------------- figures
+def plot_model_ranking(models: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
+    """Horizontal bars of validation Dice, best at the top, the selected models highlighted."""
+    m = models[np.isfinite(models["rank_score"].astype(float))]
+    fig = Figure(figsize=(7, max(2.5, 0.32 * len(m) + 1.2)))
+    ax = fig.add_subplot()
+    y = np.arange(len(m))[::-1]
+    colors = [SELECTED_COLOR if s else OTHER_COLOR for s in m["selected"]]
+    ax.barh(y, m["rank_score"].astype(float), color=colors, edgecolor="black", linewidth=0.5)
+    ax.set_yticks(y, list(m["model"]), fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("validation Dice")
+    ax.set_title(title or "models ranked by validation Dice (selected in red)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return figs.save_figure(fig, path)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    with atomic_open(dst, "wb") as fh:
+        fh.write(src.read_bytes())
+    return dst
+
+
+def make_figures(data: RunData, out_dir: Path) -> dict[str, Path]:
+    """Every report figure that the available data allows; keys are captions."""
+    out: dict[str, Path] = {}
+    if data.models["rank_score"].notna().any():
+        out["Models ranked by validation Dice (selected top-k in red)"] = plot_model_ranking(
+            data.models, out_dir / "model_ranking.png"
+        )
+    if data.results is not None and not data.results.empty:
+        rules = rule_rows(data.results)
+        out["Voting rules vs best single model: mean Dice with 95% bootstrap CI"] = (
+            figs.plot_dice_bars(rules, out_dir / "rules_dice_ci.png", title="Dice")
+        )
+    if data.per_image is not None and not data.per_image.empty:
+        for split in dict.fromkeys(data.per_image["split"]):
+            part = data.per_image[data.per_image["split"] == split]
+            order = list(dict.fromkeys(part["method"]))
+            out[f"Per-image Dice, {split}"] = figs.plot_dice_boxes(
+                part,
+                out_dir / f"per_image_{split}.png",
+                title=f"per-image Dice, {split}",
+                order=order,
+            )
+    for src in sorted((data.run_dir / "ensemble" / "figures").glob("gallery_*.png")):
+        split = src.stem.removeprefix("gallery_")
+        out[f"Best and worst {split} images (soft vote): truth, prediction, disagreement"] = _copy(
+            src, out_dir / src.name
+        )
+    return out
+
+
+# ---------------------------------------------------------------------- assembly
+@dataclass
+class Section:
+    """One heading with optional prose, tables and notes; rendered to Markdown and HTML."""
+
+    title: str
+    text: list[str] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+
+
+def _sections(data: RunData) -> list[Section]:
+    cfg = key_config(data)
+    setup = Section(
+        "Setup",
+        [
+            "Model selection (top-k and, where tuned, thresholds) used the **validation split "
+            "only**; test and external images were never seen before the final evaluation.",
+            *data.notes,
+        ],
+        [("", pd.DataFrame({"setting": list(cfg), "value": [str(v) for v in cfg.values()]}))],
+    )
+    a = Section(
+        "Table 1. Individual models",
+        [
+            "All models of the sweep, ranked by validation Dice; ✓ marks the models selected "
+            "for the ensemble." + ("" if data.selection else " (No selection.json: no ensemble.)")
+        ],
+        [("", models_table(data.models))],
+    )
+    fails = failures_table(data.models)
+    failed = Section("Failed or incomplete models")
+    if len(fails):
+        failed.text.append("Excluded from selection; the error each manifest recorded:")
+        failed.tables.append(("", fails))
+    else:
+        failed.text.append("Every model of the sweep completed.")
+    b = Section("Table 2. Augmentation ablation")
+    if data.ablation is None or data.ablation.empty:
+        b.text.append("The augmentation ablation was not run (no ablation/ folder).")
+    else:
+        b.text.append("The reference model trained with each augmentation setting.")
+        b.tables.append(("", ablation_table(data.ablation)))
+    c = Section("Table 3. Ensemble voting rules")
+    if data.results is None:
+        c.text.append("Not available: the ensemble step has not run.")
+    else:
+        unit = distance_unit(data)
+        c.text.append(
+            f"Per-image metrics averaged over each split; distances in {unit or 'px'}. "
+            "Δ is the relative Dice change over the best single model (chosen on validation); "
+            "p is the paired Wilcoxon signed-rank test against it."
+        )
+        table = rules_table(data.results, unit)
+        for split in dict.fromkeys(table["split"]):
+            part = table[table["split"] == split].drop(columns="split")
+            c.tables.append((f"{split} (n = {part['n'].iloc[0]})", part.drop(columns="n")))
+    return [setup, a, failed, b, c]
+
+
+def _markdown(data: RunData, sections: list[Section], figures: dict[str, Path]) -> str:
+    lines = [f"# Th8–Th11 segmentation ensemble: {data.run_dir.name}", ""]
+    for s in sections:
+        lines += [f"## {s.title}", ""]
+        for t in s.text:
+            lines += [t, ""]
+        for caption, df in s.tables:
+            if caption:
+                lines += [f"**{caption}**", ""]
+            lines += [df.to_markdown(index=False), ""]
+    lines += ["## Figures", ""]
+    if not figures:
+        lines += ["No figures: nothing to plot yet.", ""]
+    for caption, path in figures.items():
+        lines += [f"**{caption}**", "", f"![{caption}](figures/{path.name})", ""]
+    return "\n".join(lines)
+
+
+def _img_tag(path: Path, caption: str) -> str:
+    b64 = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _html(data: RunData, sections: list[Section], figures: dict[str, Path]) -> str:
+    title = html.escape(f"Th8–Th11 segmentation ensemble: {data.run_dir.name}")
+    body = [f"<h1>{title}</h1>"]
+    for s in sections:
+        body.append(f"<h2>{html.escape(s.title)}</h2>")
+        for t in s.text:
+            bold = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(t))
+            body.append(f"<p>{bold}</p>")
+        for caption, df in s.tables:
+            if caption:
+                body.append(f"<h3>{html.escape(caption)}</h3>")
+            body.append(df.to_html(index=False, border=0, na_rep="n/a"))
+    body.append("<h2>Figures</h2>")
+    body += [_img_tag(p, c) for c, p in figures.items()] or ["<p class='note'>No figures.</p>"]
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{title}</title><style>{CSS}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write `<run_dir>/report/` (report.md, report.html, figures/*.png); returns report.md.
+
+    Raises ReportError when run_dir or its predictions do not exist."""
+    data = load_run(run_dir)
+    out = data.run_dir / "report"
+    figures = make_figures(data, out / "figures")
+    sections = _sections(data)
+    md_path = out / "report.md"
+    atomic_write_text(md_path, _markdown(data, sections, figures))
+    atomic_write_text(out / "report.html", _html(data, sections, figures))
+    return md_path

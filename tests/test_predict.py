@@ -1,0 +1,185 @@
+"""`spineseg-predict` on a tiny run dir made without training: two random-weight models
+saved as Lightning checkpoints, manifests and a selection.json as the real tools write."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from spineseg.cli.predict import main as cli_main
+from spineseg.data import geometry as G
+from spineseg.ensemble import voting
+from spineseg.ensemble.selection import Selection, save_selection
+from spineseg.ensemble.store import PredictionStore
+from spineseg.errors import StoreError
+from spineseg.models.module import SegmentationModule
+from spineseg.predict import load_ensemble
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("m0", "m1")
+
+
+def make_run(
+    run_dir: Path, threshold: float = 0.5, target: str = "region", resize: str = "stretch"
+) -> Path:
+    """Checkpoints, manifests and selection.json laid out as training + ensembling write them."""
+    store = PredictionStore(run_dir)
+    data = {"image_size": [64, 64], "resize": resize, "preprocess": "none", "target": target}
+    config = {"data": data}
+    for i, name in enumerate(MODELS):
+        torch.manual_seed(i)
+        module = SegmentationModule(
+            "Unet", "tu-efficientnet_lite0", weights=None, target=target, name=name
+        )
+        trainer = L.Trainer(
+            max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False
+        )
+        trainer.strategy.connect(module)
+        ckpt = run_dir / "jobs" / name / "best.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        trainer.save_checkpoint(ckpt)
+        store.write_manifest(
+            name,
+            {"status": "complete", "checkpoint": str(ckpt), "config": config, "target": target},
+        )
+    selection = Selection(
+        models=list(MODELS),
+        weights=[0.6, 0.4],
+        scores={"m0": 0.8, "m1": 0.7},
+        thresholds={r: threshold for r in voting.RULES},
+        method="top_k",
+        k=2,
+        n_val=4,
+        best_single="m0",
+    )
+    save_selection(selection, run_dir / "ensemble" / "selection.json")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("run") / "run", threshold=0.45)
+
+
+def film(h: int, w: int, dtype=np.uint8, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.exp(-(((yy - h / 2) / (h / 4)) ** 2 + ((xx - w / 2) / (w / 4)) ** 2))
+    peak = np.iinfo(dtype).max
+    return np.clip(base * peak * 0.8 + rng.normal(0, peak * 0.05, (h, w)), 0, peak).astype(dtype)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "spineseg.cli.predict", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_prediction_at_original_size_matches_fused_probability(run_dir):
+    ens = load_ensemble(run_dir, rule="weighted")
+    assert ens.names == list(MODELS) and ens.threshold == 0.45
+    image = film(150, 90)
+    pred = ens.predict(image)
+    assert pred.probability.shape == pred.labels.shape == pred.uncertainty.shape == (150, 90)
+    assert pred.probability.dtype == np.float32 and pred.labels.dtype == np.uint8
+    # Independent recomputation: the training pipeline, each model, the rule, then back.
+    x = torch.from_numpy(cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA)).float()
+    x = ((x / 255.0 - 0.449) / 0.226)[None, None]
+    with torch.inference_mode():
+        probs = torch.stack([torch.sigmoid(m(x)) for m in ens.models])
+    scores = voting.weighted_vote(probs, weights=[0.6, 0.4])[0, 0].numpy()
+    g = G.plan((150, 90), (64, 64), "stretch")
+    back = G.to_original(scores, g)
+    np.testing.assert_allclose(pred.probability, back, atol=2e-3)
+    np.testing.assert_array_equal(pred.labels, (pred.probability > 0.45).astype(np.uint8))
+    assert pred.probability.std() > 0  # a real map, not a constant
+
+
+def test_hard_vote_decides_at_half_and_16_bit(run_dir):
+    ens = load_ensemble(run_dir, rule="hard")
+    pred = ens.predict(film(100, 70, np.uint16))
+    assert pred.labels.shape == (100, 70)
+    np.testing.assert_array_equal(pred.labels, (pred.probability > 0.5).astype(np.uint8))
+    assert float(pred.uncertainty.min()) >= 0 and float(pred.uncertainty.max()) <= 1
+
+
+def test_vertebrae_letterbox_labels_are_argmax_of_mapped_scores(tmp_path):
+    ens = load_ensemble(make_run(tmp_path / "v", target="vertebrae", resize="letterbox"), "median")
+    pred = ens.predict(film(150, 50))
+    assert pred.labels.shape == (150, 50) and int(pred.labels.max()) <= 4
+    assert float(pred.probability.min()) >= 0.0 and float(pred.probability.max()) <= 1.0
+    assert pred.uncertainty.shape == (150, 50)
+
+
+def test_missing_selection_and_checkpoint_are_store_errors(tmp_path, run_dir):
+    with pytest.raises(StoreError, match="spineseg-ensemble"):
+        load_ensemble(tmp_path)
+    broken = make_run(tmp_path / "broken")
+    (broken / "jobs" / "m1" / "best.ckpt").unlink()
+    with pytest.raises(StoreError, match=r"checkpoint .* does not exist"):
+        load_ensemble(broken)
+
+
+def test_cli_folder_writes_outputs_and_lists_corrupt_files(tmp_path, run_dir, capsys):
+    """In-process (the subprocess path is covered by the error tests): saves a 12 s import."""
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), film(150, 90))
+    cv2.imwrite(str(src / "b16.png"), film(120, 80, np.uint16, seed=1))
+    (src / "c_corrupt.png").write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    assert cli_main([f"run_dir={run_dir}", f"input={src}", f"output={out}", "device=auto"]) == 0
+    printed = capsys.readouterr()
+    assert "predicted 2 film(s)" in printed.out and "skipped 1" in printed.out
+    assert "c_corrupt.png" in printed.err
+    for stem, shape in (("a", (150, 90)), ("b16", (120, 80))):
+        mask = cv2.imread(str(out / f"{stem}_mask.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == shape and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255}
+        overlay = cv2.imread(str(out / f"{stem}_overlay.png"), cv2.IMREAD_UNCHANGED)
+        assert overlay.shape == (*shape, 3)
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["file"] for r in rows] == ["a.png", "b16.png"]
+    assert rows[0]["height"] == "150" and rows[0]["width"] == "90" and rows[0]["rule"] == "soft"
+    assert rows[0]["region_area_mm2"] == ""  # PNG carries no spacing
+    a_mask = cv2.imread(str(out / "a_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert int(rows[0]["region_pixels"]) == int((a_mask > 0).sum())
+    with open(out / "skipped.csv") as fh:
+        skipped = list(csv.DictReader(fh))
+    assert [s["file"] for s in skipped] == ["c_corrupt.png"] and skipped[0]["reason"]
+    # The CLI mask is the library's prediction.
+    lib = load_ensemble(run_dir).predict(cv2.imread(str(src / "a.png"), cv2.IMREAD_UNCHANGED))
+    np.testing.assert_array_equal(a_mask, lib.labels * 255)
+
+
+@pytest.mark.parametrize("case", ["no_run_dir", "no_selection", "bad_key"])
+def test_cli_errors_are_one_line(tmp_path, case):
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), film(40, 30))
+    args = {
+        "no_run_dir": [f"run_dir={tmp_path / 'nope'}"],
+        "no_selection": [f"run_dir={tmp_path}"],
+        "bad_key": [f"run_dir={tmp_path}", "rulez=soft"],
+    }[case]
+    proc = _cli(*args, f"input={image}", f"output={tmp_path / 'out'}")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
