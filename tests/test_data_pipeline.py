@@ -140,3 +140,14 @@ def test_splits_file_from_another_dataset_is_refused(tmp_path):
 def test_empty_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="yielded no films"):
         _dm(tmp_path, source_kwargs={**SMALL, "n": 0}, external=None).setup()
+
+
+def test_augmentation_is_reproducible_under_a_seed(tmp_path):
+    def first_batch():
+        torch.manual_seed(7)
+        dm = _dm(tmp_path, augment="strong", external=None)
+        dm.setup()
+        torch.manual_seed(7)
+        return next(iter(dm.train_dataloader()))["image"]
+
+    assert torch.equal(first_batch(), first_batch())

@@ -370,7 +370,8 @@ class SpineDataModule(L.LightningDataModule):
         if split not in self.parts:
             raise ConfigError(choices_message("split", split, list(self.parts)))
         part = self.parts[split]
-        aug = T.build_augment(self.augment) if augment else None
+        # seeded from torch's seed, which seed_everything(cfg.seed) set for this run
+        aug = T.build_augment(self.augment, torch.initial_seed() % 2**32) if augment else None
         return FilmDataset(part.images, part.masks(self.target), part.ids, aug)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:

@@ -95,7 +95,9 @@ def _strong() -> list:
 AUGMENT = {"none": list, "light": _light, "strong": _strong}
 
 
-def build_augment(name: str) -> A.Compose:
+def build_augment(name: str, seed: int | None = None) -> A.Compose:
+    """albumentations 2.x draws from its own RNG, which `seed_everything` does not reach:
+    without `seed` two runs of the same config would see different augmentations."""
     if name not in AUGMENT:
         raise ConfigError(choices_message("augmentation preset", name, list(AUGMENT)))
-    return A.Compose(AUGMENT[name]())
+    return A.Compose(AUGMENT[name](), seed=seed)
