@@ -11,21 +11,9 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
-from spineseg.cli.common import one_line_errors
+from spineseg.cli.common import CONF_DIR, one_line_errors
+from spineseg.ensemble.evaluate import SUMMARY_COLUMNS
 from spineseg.errors import ConfigError
-
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-SHOWN = [
-    "split",
-    "method",
-    "k",
-    "dice_mean",
-    "dice_ci_low",
-    "dice_ci_high",
-    "hd95_mean",
-    "rel_improvement_pct",
-    "p_value_vs_best_single",
-]
 
 
 @one_line_errors
@@ -37,7 +25,7 @@ def _run(cfg: DictConfig) -> None:
     except MissingMandatoryValue:
         raise ConfigError("run_dir is required: spineseg-ensemble run_dir=<dir>") from None
     results = run_ensemble(run_dir, cfg.ensemble)
-    print(results[SHOWN].to_markdown(index=False, floatfmt=".4f"))
+    print(results[SUMMARY_COLUMNS].to_markdown(index=False, floatfmt=".4f"))
     print(
         f"\nresults: {run_dir / 'ensemble'} (results.csv, results.md, results.json, "
         "per_image.csv, selection.json, figures/)"

@@ -25,7 +25,12 @@ import pandas as pd
 import torch
 
 from spineseg.ensemble import voting
-from spineseg.ensemble.evaluate import EnsembleSpec, evaluate_arrays, summarize_results
+from spineseg.ensemble.evaluate import (
+    SUMMARY_COLUMNS,
+    EnsembleSpec,
+    evaluate_arrays,
+    summarize_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +104,7 @@ class EnsembleCallback(L.Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics(self.flat_metrics(), step=trainer.global_step)
         if self.verbose and trainer.is_global_zero:
-            cols = [
-                "split",
-                "method",
-                "k",
-                "dice_mean",
-                "dice_ci_low",
-                "dice_ci_high",
-                "hd95_mean",
-                "rel_improvement_pct",
-            ]
-            print(self.results[cols].to_markdown(index=False, floatfmt=".4f"))
+            print(self.results[SUMMARY_COLUMNS].to_markdown(index=False, floatfmt=".4f"))
 
     def flat_metrics(self) -> dict[str, float]:
         """`ensemble/<split>/<method>/<metric>` of the rules and best_single, for a logger."""

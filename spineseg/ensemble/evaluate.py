@@ -73,6 +73,20 @@ DEFAULTS: dict[str, Any] = {
 
 
 # ---------------------------------------------------------------------- configuration
+#: The columns printed to the console (the CSV has them all).
+SUMMARY_COLUMNS = [
+    "split",
+    "method",
+    "k",
+    "dice_mean",
+    "dice_ci_low",
+    "dice_ci_high",
+    "hd95_mean",
+    "rel_improvement_pct",
+    "p_value_vs_best_single",
+]
+
+
 def ensemble_config(cfg: Any = None) -> dict[str, Any]:
     """`cfg` (dict, DictConfig or None) over `DEFAULTS`, validated: a typo is an error, not a
     silently ignored option."""
