@@ -15,7 +15,7 @@ DATA ?= synthetic
 SWEEP ?= lite20
 TRAINER ?= cpu
 LAUNCHER ?= basic
-RUN_NAME ?= default
+RUN_NAME ?= $(DATA)-$(SWEEP)
 EXTRA ?=
 
 .PHONY: help setup test test-all lint format demo reproduce-paper gallery bench clean

@@ -21,6 +21,30 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from spineseg.models.module import SegmentationModule
 
+#: The lite20 sweep (conf/sweep/lite20.yaml) as arch:lite-index.
+LITE20 = [
+    "Unet:0",
+    "Unet:1",
+    "Unet:2",
+    "UnetPlusPlus:0",
+    "UnetPlusPlus:1",
+    "UnetPlusPlus:2",
+    "FPN:0",
+    "FPN:1",
+    "FPN:2",
+    "Linknet:0",
+    "Linknet:2",
+    "MAnet:0",
+    "MAnet:1",
+    "PAN:1",
+    "PAN:2",
+    "DeepLabV3Plus:0",
+    "DeepLabV3Plus:2",
+    "PSPNet:1",
+    "UPerNet:1",
+    "Segformer:2",
+]
+
 
 class _Batches(TensorDataset):
     def __getitem__(self, i):
@@ -63,6 +87,51 @@ def lightning_loop(module: SegmentationModule, loader: DataLoader) -> float:
     return time.perf_counter() - start
 
 
+def _per_process(args: argparse.Namespace) -> None:
+    """One process per preset, so each row's peak RSS is that preset's own."""
+    import subprocess
+    import sys
+
+    rows = []
+    for spec in args.models:
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "--models",
+                spec,
+                "--size",
+                str(args.size),
+                "--steps",
+                str(args.steps),
+                "--repeats",
+                str(args.repeats),
+                "--out",
+                "/dev/stdout",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        child, _ = json.JSONDecoder().raw_decode(out[out.index("{\n") :])  # prints may follow
+        rows.append({**child["rows"][0], "peak_rss_mib": child["peak_rss_mib"]})
+        print(rows[-1], flush=True)
+    print(
+        f"\n{child['machine']}; {args.size}x{args.size}, batch 8, {child['images']} images/epoch\n"
+    )
+    print("| model | train img/s | peak RSS (MiB) | bare loop (s) | Lightning (s) | overhead |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['img_per_s']} | {r['peak_rss_mib']} | {r['bare_s']} | "
+            f"{r['lightning_s']} | {r['overhead_pct']:+.1f}% |"
+        )
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"machine": child["machine"], "rows": rows}, fh, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=128)
@@ -83,7 +152,10 @@ def main() -> None:
         ],
     )
     ap.add_argument("--out", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.child and len(args.models) > 1:
+        return _per_process(args)
     loader = _data(args.steps * 8, args.size)
     rows = []
     for spec in args.models:
