@@ -140,16 +140,7 @@ def main() -> None:
     ap.add_argument(
         "--models",
         nargs="*",
-        default=[
-            "Unet:0",
-            "FPN:0",
-            "Linknet:0",
-            "UnetPlusPlus:0",
-            "MAnet:0",
-            "DeepLabV3Plus:0",
-            "Unet:2",
-            "Segformer:2",
-        ],
+        default=LITE20,
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
