@@ -87,6 +87,23 @@ def lightning_loop(module: SegmentationModule, loader: DataLoader) -> float:
     return time.perf_counter() - start
 
 
+def print_table(rows: list[dict]) -> None:
+    """Markdown table; the peak RSS column appears when each row has its own process."""
+    rss = all("peak_rss_mib" in r for r in rows)
+    print(
+        "| model | train img/s |"
+        + (" peak RSS (MiB) |" if rss else "")
+        + " bare loop (s) | Lightning (s) | overhead |"
+    )
+    print("|---|---:|" + ("---:|" if rss else "") + "---:|---:|---:|")
+    for r in rows:
+        mem = f" {r['peak_rss_mib']} |" if rss else ""
+        print(
+            f"| {r['model']} | {r['img_per_s']} |{mem} {r['bare_s']} | {r['lightning_s']} | "
+            f"{r['overhead_pct']:+.1f}% |"
+        )
+
+
 def _per_process(args: argparse.Namespace) -> None:
     """One process per preset, so each row's peak RSS is that preset's own."""
     import subprocess
@@ -120,13 +137,7 @@ def _per_process(args: argparse.Namespace) -> None:
     print(
         f"\n{child['machine']}; {args.size}x{args.size}, batch 8, {child['images']} images/epoch\n"
     )
-    print("| model | train img/s | peak RSS (MiB) | bare loop (s) | Lightning (s) | overhead |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['model']} | {r['img_per_s']} | {r['peak_rss_mib']} | {r['bare_s']} | "
-            f"{r['lightning_s']} | {r['overhead_pct']:+.1f}% |"
-        )
+    print_table(rows)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"machine": child["machine"], "rows": rows}, fh, indent=2)
@@ -180,13 +191,7 @@ def main() -> None:
         f"\n{result['machine']}; {args.size}x{args.size}, batch 8, "
         f"{len(loader.dataset)} images/epoch; peak RSS {result['peak_rss_mib']} MiB\n"
     )
-    print("| model | train img/s | bare loop (s) | Lightning (s) | overhead |")
-    print("|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['model']} | {r['img_per_s']} | {r['bare_s']} | {r['lightning_s']} | "
-            f"{r['overhead_pct']:+.1f}% |"
-        )
+    print_table(rows)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)

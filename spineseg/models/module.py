@@ -144,7 +144,7 @@ class SegmentationModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         for metrics in self.test_metrics:
-            if metrics._update_count if hasattr(metrics, "_update_count") else True:
+            if any(m.update_called for m in metrics.values()):  # no external set: skip
                 values = {k: v for k, v in metrics.compute().items() if torch.isfinite(v).all()}
                 self.log_dict(values, add_dataloader_idx=False)
             metrics.reset()
