@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spineseg.ensemble import metrics, stats, voting
+from spineseg.ensemble import agreement, metrics, stats, voting
 from spineseg.ensemble.selection import (
     Selection,
     ValidationView,
@@ -32,7 +32,8 @@ from spineseg.ensemble.store import (
     SPLITS,
     PredictionStore,
     Truth,
-    iter_chunks,
+    check_probs_chunk,
+    iter_raw_chunks,
     load_chunk,
     read_rows,
 )
@@ -167,8 +168,11 @@ def evaluate_arrays(
 ) -> pd.DataFrame:
     """Per-image metrics of every rule, every model and `best_single` on one split.
 
-    `probs` are K (N,C,H,W) arrays aligned with `spec.models` (memmaps or in memory); only
-    one chunk of them is converted to float32 at a time."""
+    `probs` are K (N,C,H,W) arrays aligned with `spec.models` (memmaps or in memory); one
+    chunk of them is read at a time, the next while the current one is scored. Binary
+    float16/float32 chunks are scored by `agreement.score_chunk` (rules evaluated only
+    where the models disagree); other chunks by fusing every pixel. Both give the same
+    labels."""
     if len(probs) != len(spec.models):
         raise StoreError(
             f"split {split!r}: {len(probs)} probability arrays for {len(spec.models)} models"
@@ -177,41 +181,68 @@ def evaluate_arrays(
     num_classes = max(2, int(probs[0].shape[1]))
     weights = torch.tensor(spec.weights, dtype=torch.float32)
     cols: dict[str, list[Any]] = {c: [] for c in PER_IMAGE_COLUMNS}
-    best_k = spec.models.index(spec.best_single)
+    best_name = MODEL_PREFIX + spec.best_single
+    methods = [
+        *[agreement.Method(r, spec.thresholds.get(r, spec.threshold), rule=r) for r in spec.rules],
+        *[
+            agreement.Method(MODEL_PREFIX + m, spec.threshold, model=k)
+            for k, m in enumerate(spec.models)
+        ],
+    ]
+    dtype = np.result_type(*[a.dtype for a in probs])
+    binary_fast = (
+        num_classes == 2
+        and dtype in agreement.KEY_DTYPES
+        and all(m.rule is None or m.rule in agreement.SUPPORTED for m in methods)
+    )
 
     def add(
-        method: str, labels: torch.Tensor, truth: torch.Tensor, sl: slice, sp: np.ndarray | None
+        method: str,
+        overlap: Mapping[str, np.ndarray],
+        labels: Any,
+        truth: np.ndarray,
+        sl: slice,
+        sp: np.ndarray | None,
     ) -> None:
-        ov = metrics.overlap_metrics(labels, truth, num_classes)
+        n = len(truth)
         if distances:
             sf = metrics.surface_metrics(labels, truth, num_classes, spacing=sp)
         else:
-            sf = {"hd95": np.full(len(labels), np.nan), "assd": np.full(len(labels), np.nan)}
-        methods = [method, BEST] if method == MODEL_PREFIX + spec.models[best_k] else [method]
-        for name in methods:
-            cols["split"].extend([split] * len(labels))
-            cols["method"].extend([name] * len(labels))
+            sf = {"hd95": np.full(n, np.nan), "assd": np.full(n, np.nan)}
+        for name in [method, BEST] if method == best_name else [method]:
+            cols["split"].extend([split] * n)
+            cols["method"].extend([name] * n)
             cols["id"].extend(ids[sl].tolist())
-            for key, source in (
-                ("dice", ov),
-                ("iou", ov),
-                ("precision", ov),
-                ("recall", ov),
-                ("hd95", sf),
-                ("assd", sf),
-            ):
+            for key in METRICS:
+                source = sf if key in metrics.SURFACE_KEYS else overlap
                 cols[key].extend(np.asarray(source[key], dtype=np.float64).tolist())
 
-    for sl in iter_chunks(len(ids), chunk_size):
-        chunk = torch.from_numpy(load_chunk(probs, spec.models, split, ids, sl))
-        truth = torch.from_numpy(read_rows(masks, sl).astype(np.int64))
+    for sl, raw in iter_raw_chunks(probs, chunk_size):
+        truth = read_rows(masks, sl)
         sp = None if spacing is None else np.asarray(spacing[sl], dtype=np.float64)
-        for rule in spec.rules:
-            t = spec.thresholds.get(rule, spec.threshold)
-            labels = voting.fuse_labels(rule, chunk, weights, threshold=t)
-            add(rule, labels, truth, sl, sp)
+        scored = None
+        if binary_fast:
+            keys = torch.from_numpy(raw).view(agreement.KEY_DTYPES[dtype])
+            fg = torch.from_numpy(np.ascontiguousarray(truth != 0)).reshape(len(truth), -1)
+            scored = agreement.score_chunk(
+                keys.reshape(len(probs), len(truth), -1), fg, methods, weights, dtype, distances
+            )
+        if scored is not None:
+            ts = fg.sum(1, dtype=torch.int64)
+            for m in methods:
+                got = scored[m.name]
+                labels = None if got.labels is None else got.labels.reshape(truth.shape).numpy()
+                add(m.name, metrics.overlap_from_counts(got.tp, got.ps, ts), labels, truth, sl, sp)
+            continue
+        chunk = torch.from_numpy(raw).to(torch.float32)
         for k, model in enumerate(spec.models):
-            add(MODEL_PREFIX + model, voting.to_labels(chunk[k], spec.threshold), truth, sl, sp)
+            check_probs_chunk(chunk[k].numpy(), model, split, ids[sl])
+        for m in methods:
+            if m.model is None:
+                labels = voting.fuse_labels(m.rule, chunk, weights, threshold=m.threshold)
+            else:
+                labels = voting.to_labels(chunk[m.model], m.threshold)
+            add(m.name, metrics.overlap_metrics(labels, truth, num_classes), labels, truth, sl, sp)
     df = pd.DataFrame(cols, columns=list(PER_IMAGE_COLUMNS))
     # Same table whatever the chunk size: methods in report order, images in store order.
     rank = {m: i for i, m in enumerate(method_order(list(dict.fromkeys(df["method"])), spec.rules))}

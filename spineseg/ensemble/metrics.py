@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["overlap_metrics", "surface_metrics"]
+__all__ = ["overlap_from_counts", "overlap_metrics", "surface_metrics"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -82,9 +82,17 @@ def _class_masks(p: np.ndarray, t: np.ndarray, num_classes: int):
 
 def _binary_overlap(pm: np.ndarray, tm: np.ndarray) -> dict[str, np.ndarray]:
     """Vectorised per-image counts -> the four overlap scores with the empty conventions."""
-    tp = np.logical_and(pm, tm).sum(axis=(1, 2), dtype=np.int64).astype(np.float64)
-    ps = pm.sum(axis=(1, 2), dtype=np.int64).astype(np.float64)
-    ts = tm.sum(axis=(1, 2), dtype=np.int64).astype(np.float64)
+    return overlap_from_counts(
+        np.logical_and(pm, tm).sum(axis=(1, 2), dtype=np.int64),
+        pm.sum(axis=(1, 2), dtype=np.int64),
+        tm.sum(axis=(1, 2), dtype=np.int64),
+    )
+
+
+def overlap_from_counts(tp: ArrayLike, ps: ArrayLike, ts: ArrayLike) -> dict[str, np.ndarray]:
+    """Per-image Dice, IoU, precision and recall from the pixel counts: true positives,
+    predicted and true foreground (each (N,)); both empty scores 1 (module docstring)."""
+    tp, ps, ts = (np.asarray(v, dtype=np.float64) for v in (tp, ps, ts))
     both_empty = (ps == 0) & (ts == 0)
 
     def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:

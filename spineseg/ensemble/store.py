@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import re
 import struct
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,6 +364,72 @@ def load_chunk(
             out[k].numpy()[...] = src
         check_probs_chunk(out[k].numpy(), model, split, ids[sl])
     return out.numpy()
+
+
+def iter_raw_chunks(
+    arrays: Sequence[np.ndarray], chunk_size: int, prefetch: bool = True
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """(slice, (K, n, ...) array) per chunk of images: the K arrays' rows, as stored
+    (float16 from the store), not yet value-checked.
+
+    Two buffers are reused, and while the caller works on one chunk a thread reads the next
+    (`pread` of a memmapped file releases the GIL), so reading overlaps computing. The
+    array yielded is overwritten two chunks later: copy what must outlive that."""
+    n, k = int(arrays[0].shape[0]), len(arrays)
+    row = tuple(arrays[0].shape[1:])
+    dtype = np.result_type(*[a.dtype for a in arrays])
+    per_image = int(np.prod(row, dtype=np.int64))
+    slices = iter_chunks(n, chunk_size)
+    if not slices:
+        return
+    size = k * min(chunk_size, n) * per_image
+    buffers = [np.empty(size, dtype=dtype) for _ in range(2 if prefetch and len(slices) > 1 else 1)]
+
+    def fill(which: int, sl: slice) -> np.ndarray:
+        m = sl.stop - sl.start
+        out = buffers[which][: k * m * per_image].reshape(k, m, *row)
+        for j, arr in enumerate(arrays):
+            _read_rows_into(arr, sl, out[j])
+        return out
+
+    if len(buffers) == 1:
+        for sl in slices:
+            yield sl, fill(0, sl)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spineseg-read") as pool:
+        pending = pool.submit(fill, 0, slices[0])
+        for i, sl in enumerate(slices):
+            chunk = pending.result()
+            if i + 1 < len(slices):
+                pending = pool.submit(fill, (i + 1) % 2, slices[i + 1])
+            yield sl, chunk
+
+
+def _read_rows_into(arr: np.ndarray, sl: slice, out: np.ndarray) -> None:
+    """`out[...] = arr[sl]`; a whole-file memmap of the same dtype is read straight into
+    `out` with one positioned read (see `read_rows` for why not through the mapping)."""
+    if not (
+        isinstance(arr, np.memmap)
+        and isinstance(arr.base, mmap.mmap)
+        and arr.flags.c_contiguous
+        and arr.filename
+        and arr.dtype == out.dtype
+        and out.flags.c_contiguous
+    ):
+        np.copyto(out, read_rows(arr, sl))
+        return
+    row = out.nbytes // max(1, out.shape[0])
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    offset, done = arr.offset + sl.start * row, 0
+    with open(arr.filename, "rb", buffering=0) as fh:
+        while done < out.nbytes:
+            got = os.preadv(fh.fileno(), [view[done:]], offset + done)
+            if got == 0:
+                raise StoreError(
+                    f"{arr.filename}: truncated (expected {out.nbytes} bytes from image "
+                    f"{sl.start}, read {done})"
+                )
+            done += got
 
 
 def read_rows(arr: np.ndarray, sl: slice | np.ndarray) -> np.ndarray:

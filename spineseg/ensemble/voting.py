@@ -44,7 +44,9 @@ __all__ = [
     "soft_vote",
     "staple",
     "staple_em",
+    "staple_patterns",
     "to_labels",
+    "vote_codes",
     "weighted_vote",
 ]
 
@@ -245,17 +247,37 @@ def staple_em(
     opts = {"eps": eps, "tol": tol, "max_iter": max_iter}
     if k > 16 or 2**k >= npix:
         return _staple_core(decisions.to(torch.float32).contiguous(), None, **opts)
-    codes = torch.zeros(b, npix, dtype=torch.int64, device=dev)
-    for j in range(k):
-        codes |= (decisions[:, j] != 0).to(torch.int64) << j
+    codes = vote_codes(decisions.transpose(0, 1))  # (B, P)
     n_pat = 2**k
     offsets = torch.arange(b, device=dev)[:, None] * n_pat
     counts = torch.bincount((codes + offsets).flatten(), minlength=b * n_pat)
-    counts = counts.reshape(b, n_pat).to(torch.float32)
+    res = staple_patterns(counts.reshape(b, n_pat), k, **opts)
+    return res._replace(posterior=torch.gather(res.posterior, 1, codes))
+
+
+def vote_codes(decisions: Tensor) -> Tensor:
+    """(K, ...) {0, 1} decisions -> int64 (...) vote patterns, model j as bit j."""
+    codes = torch.zeros(decisions.shape[1:], dtype=torch.int64, device=decisions.device)
+    for j in range(decisions.shape[0]):
+        codes |= (decisions[j] != 0).to(torch.int64) << j
+    return codes
+
+
+def staple_patterns(
+    counts: Tensor, k: int, *, eps: float = 1e-6, tol: float = 1e-5, max_iter: int = 100
+) -> StapleResult:
+    """STAPLE EM from per-problem vote-pattern counts (B, 2^K) (integers, as from
+    `torch.bincount` of `vote_codes`); the posterior is per pattern, (B, 2^K).
+
+    The counts are the EM's sufficient statistics, so callers that know how many pixels
+    share a pattern (e.g. the evaluator's agreement pixels) need not materialise them."""
+    n_pat = 2**k
+    if counts.ndim != 2 or counts.shape[1] != n_pat:
+        raise ValueError(f"counts must have shape (B, {n_pat}), got {tuple(counts.shape)}")
+    b, dev = counts.shape[0], counts.device
     bits = (torch.arange(n_pat, device=dev)[None, :] >> torch.arange(k, device=dev)[:, None]) & 1
     patterns = bits.to(torch.float32)[None].expand(b, k, n_pat).contiguous()  # (B, K, 2^K)
-    res = _staple_core(patterns, counts, **opts)
-    return res._replace(posterior=torch.gather(res.posterior, 1, codes))
+    return _staple_core(patterns, counts.to(torch.float32), eps=eps, tol=tol, max_iter=max_iter)
 
 
 def staple(

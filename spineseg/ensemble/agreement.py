@@ -1,0 +1,222 @@
+"""Exact scoring of a binary ensemble that computes the rules only where the models disagree.
+
+Every binary rule fuses a pixel's K probabilities into a score that lies between their
+minimum and maximum: a mean, a weighted mean, the median, the maximum, a vote fraction or a
+mean logit. Where every model says p > t the fused label is therefore foreground, and where
+every model says p <= t it is background, whatever the rule. Only the pixels where the
+models disagree need the rule itself. For trained networks that is a band along the
+boundary, a few per cent of the image, and the overlap metrics then follow from per-image
+counts. STAPLE depends on an image only through its vote-pattern counts, so its agreement
+pixels enter it as two counts.
+
+The labels are the ones `voting.fuse_labels` gives when it fuses every pixel (the tests
+compare the two paths on random stores). The evaluator keeps that dense path for vertebrae
+mode, for chunks holding values outside [0, 1] (so that the store's error names the model
+and image), and for dtypes other than float16 and float32.
+
+Comparisons run on integer keys. A non-negative IEEE float's bit pattern, read as a signed
+integer of the same width, orders exactly as its value, so the min/max and threshold tests
+on the stored float16 need no conversion to float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spineseg.ensemble import voting
+
+__all__ = ["KEY_DTYPES", "Method", "Scored", "score_chunk", "threshold_key", "value_key"]
+
+#: Stored dtype -> the integer dtype its keys are read as.
+KEY_DTYPES: dict[np.dtype, torch.dtype] = {
+    np.dtype(np.float16): torch.int16,
+    np.dtype(np.float32): torch.int32,
+}
+_VALUE_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+_INT = {np.dtype(np.float16): np.int16, np.dtype(np.float32): np.int32}
+
+#: Rules the partition covers; any other name goes to the dense path.
+PIXELWISE = frozenset({"soft", "weighted", "logit_mean", "max", "median", "hard"})
+SUPPORTED = PIXELWISE | {"staple"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One scored prediction: a voting rule (`rule`) or a single model (`model`, its index)."""
+
+    name: str
+    threshold: float
+    rule: str | None = None
+    model: int | None = None
+
+
+@dataclass
+class Scored:
+    """Per-image counts of one method on one chunk (and its labels when asked for)."""
+
+    tp: Tensor  # (n,) int64: predicted and true foreground pixels
+    ps: Tensor  # (n,) int64: predicted foreground pixels
+    labels: Tensor | None = None  # (n, P) bool
+
+
+def value_key(value: float, dtype: np.dtype | type) -> int:
+    """The key of `value` stored as `dtype`."""
+    dtype = np.dtype(dtype)
+    return int(np.array(value, dtype=dtype).view(_INT[dtype]))
+
+
+def threshold_key(t: float, dtype: np.dtype | type) -> int:
+    """The largest key whose value is <= float32(t), so that p > t <=> key(p) > this key.
+
+    float32(t) because the dense path compares float32 probabilities with `t`, which torch
+    rounds to float32 first."""
+    dtype = np.dtype(dtype)
+    t32 = np.float32(t)
+    v = np.array(t32, dtype=dtype)
+    if np.float32(v) > t32:  # rounded up to the next float16: step back one
+        v = np.nextafter(v, np.array(-np.inf, dtype=dtype))
+    return int(v.view(_INT[dtype]))
+
+
+def _image_sums(x: Tensor, bounds: Sequence[tuple[int, int]]) -> Tensor:
+    """Sums of x (R, M) over each image's contiguous run of columns -> (R, n) int64."""
+    return torch.stack([x[:, a:b].sum(1, dtype=torch.int64) for a, b in bounds], 1)
+
+
+def score_chunk(
+    keys: Tensor,
+    truth: Tensor,
+    methods: Sequence[Method],
+    weights: Tensor | None,
+    dtype: np.dtype | type,
+    want_labels: bool = False,
+) -> dict[str, Scored] | None:
+    """Score every method on one chunk, or None when a value lies outside [0, 1].
+
+    keys: (K, n, P) integer keys (`KEY_DTYPES`) of the K models' probabilities for n images
+    of P pixels; truth: (n, P) bool. None hands the chunk to the dense path, which raises the
+    store's error naming the model and image for NaN, inf or out-of-range values."""
+    dtype = np.dtype(dtype)
+    k, n, npix = keys.shape
+    lo, hi = keys.amin(0), keys.amax(0)  # two int reductions beat one aminmax on CPU
+    if bool(lo.min() < 0) or bool(hi.max() > value_key(1.0, dtype)):
+        return None
+    ts = truth.sum(1, dtype=torch.int64)
+    out: dict[str, Scored] = {}
+    by_threshold: dict[int, list[Method]] = {}
+    for m in methods:
+        by_threshold.setdefault(threshold_key(m.threshold, dtype), []).append(m)
+    flat_keys = keys.reshape(k, n * npix)
+    for tk, group in by_threshold.items():
+        fg = lo > tk  # every model above t
+        split = (hi > tk) & ~fg  # the models disagree
+        idx = split.reshape(-1).nonzero().squeeze(1)  # ascending, so images are contiguous runs
+        img = torch.div(idx, npix, rounding_mode="floor")
+        ends = torch.bincount(img, minlength=n).cumsum(0).tolist()
+        bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+        sub = flat_keys.index_select(1, idx)  # (K, M)
+        votes = sub > tk
+        count = votes.sum(0)
+        t_sub = truth.reshape(-1).index_select(0, idx)
+        fg_n = fg.sum(1, dtype=torch.int64)
+        fg_t = (fg & truth).sum(1, dtype=torch.int64)
+        split_n = torch.tensor([b - a for a, b in bounds], dtype=torch.int64)
+        needs_values = any(
+            m.rule in ("soft", "weighted", "logit_mean") or (m.rule == "median" and k % 2 == 0)
+            for m in group
+        )
+        values = sub.view(_VALUE_DTYPES[dtype]).to(torch.float32) if needs_values else None
+
+        names, sub_labels, flips = [], [], []
+        for m in group:
+            flip = None  # STAPLE may relabel the agreement patterns
+            if m.model is not None:
+                lab = votes[m.model]
+            elif m.rule == "hard":
+                lab = 2 * count > k
+            elif m.rule == "max":
+                lab = torch.ones_like(count, dtype=torch.bool)  # some model is above t
+            elif m.rule == "median":
+                lab = _median_labels(votes, count, values, m.threshold)
+            elif m.rule in ("soft", "weighted", "logit_mean"):
+                lab = voting.fuse_labels(
+                    m.rule, values.reshape(k, 1, 1, 1, -1), weights, m.threshold
+                ).reshape(-1)
+            elif m.rule == "staple":
+                if k > 16 or 2**k >= npix:  # the dense STAPLE runs pixel-wise EM there
+                    return None
+                lab, flip = _staple_labels(votes, img, bounds, fg_n, split_n, npix, k)
+            else:
+                raise ValueError(f"no agreement scoring for rule {m.rule!r}")
+            names.append(m)
+            sub_labels.append(lab.to(torch.bool))
+            flips.append(flip)
+        stacked = torch.stack(sub_labels) if sub_labels else torch.empty(0, idx.numel())
+        sums = _image_sums(torch.cat([stacked, stacked & t_sub, t_sub[None]]), bounds)
+        r = len(names)
+        sub_ps, sub_tp, split_t = sums[:r], sums[r : 2 * r], sums[2 * r]
+        bg_n = npix - fg_n - split_n
+        bg_t = ts - fg_t - split_t
+        for j, m in enumerate(names):
+            tp, ps = fg_t + sub_tp[j], fg_n + sub_ps[j]
+            labels = None
+            if flips[j] is not None:  # STAPLE: pattern "all 0" / "all 1" labels per image
+                on_bg, on_fg = flips[j]
+                tp = on_fg * fg_t + on_bg * bg_t + sub_tp[j]
+                ps = on_fg * fg_n + on_bg * bg_n + sub_ps[j]
+                if want_labels:
+                    labels = torch.where(fg, on_fg[:, None], on_bg[:, None] & ~split)
+            elif want_labels:
+                labels = fg.clone()
+            if labels is not None:
+                labels.view(-1)[idx] = sub_labels[j]
+            out[m.name] = Scored(tp, ps, labels)
+    return out
+
+
+def _median_labels(votes: Tensor, count: Tensor, values: Tensor | None, t: float) -> Tensor:
+    """median > t from the vote counts; an even K's exact tie needs the two middle values.
+
+    Odd K: the middle value exceeds t iff a majority does. Even K: with more than K/2 votes
+    both middle values exceed t, with fewer neither does; with exactly K/2 the lower middle
+    is the largest value <= t and the upper the smallest value > t, averaged as the dense
+    rule does."""
+    k = votes.shape[0]
+    lab = 2 * count > k
+    if k % 2:
+        return lab
+    tie = (count == k // 2).nonzero().squeeze(1)
+    if tie.numel():
+        v = values.index_select(1, tie)
+        up = votes.index_select(1, tie)
+        upper = torch.where(up, v, torch.inf).amin(0)
+        lower = torch.where(up, -torch.inf, v).amax(0)
+        lab[tie] = ((lower + upper) / 2).clamp_(0.0, 1.0) > t
+    return lab
+
+
+def _staple_labels(
+    votes: Tensor,
+    img: Tensor,
+    bounds: Sequence[tuple[int, int]],
+    fg_n: Tensor,
+    split_n: Tensor,
+    npix: int,
+    k: int,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """STAPLE per image from pattern counts: the disagreement pixels' own codes plus the
+    agreement pixels as pattern 0 (all background) and pattern 2^K - 1 (all foreground)."""
+    n, n_pat = len(bounds), 2**k
+    codes = voting.vote_codes(votes)
+    flat = img * n_pat + codes
+    counts = torch.bincount(flat, minlength=n * n_pat).reshape(n, n_pat)
+    counts[:, 0] += npix - fg_n - split_n
+    counts[:, n_pat - 1] += fg_n
+    post = voting.staple_patterns(counts, k).posterior.clamp(0.0, 1.0)
+    on = post > 0.5
+    return on.reshape(-1)[flat], (on[:, 0], on[:, n_pat - 1])
