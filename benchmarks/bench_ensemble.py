@@ -39,16 +39,23 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from spineseg.ensemble import metrics, voting  # noqa: E402
-from spineseg.ensemble.evaluate import EnsembleSpec, evaluate_arrays  # noqa: E402
+from spineseg.ensemble import agreement, metrics, voting  # noqa: E402
+from spineseg.ensemble.evaluate import (  # noqa: E402
+    EnsembleSpec,
+    evaluate_arrays,
+    scored_methods,
+)
 from spineseg.ensemble.store import (  # noqa: E402
     PredictionStore,
     iter_chunks,
+    iter_raw_chunks,
     load_chunk,
     read_rows,
 )
@@ -72,11 +79,26 @@ def blob_masks(n: int, h: int, w: int, classes: int, rng: np.random.Generator) -
     return out
 
 
+def network_probs(masks: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Region-mode probabilities shaped like a trained network's: confident away from the
+    boundary (logit = signed distance / (H/128) px, capped at +-8) plus smooth per-model
+    errors (noise at 1/32 resolution, bicubically upsampled) that move the boundary and
+    now and then add a blob. sigma 1.5..3.75 gives Dice 0.85-0.95 per model."""
+    n, h, w = masks.shape
+    inside = np.stack([ndimage.distance_transform_edt(m) for m in masks])
+    outside = np.stack([ndimage.distance_transform_edt(1 - m) for m in masks])
+    lo = rng.standard_normal((n, 1, -(-h // 32) + 1, -(-w // 32) + 1), dtype=np.float32)
+    smooth = F.interpolate(torch.from_numpy(lo), size=(h, w), mode="bicubic")[:, 0].numpy()
+    logits = np.clip((inside - outside) / (h / 128), -8, 8) + sigma * smooth
+    return (1.0 / (1.0 + np.exp(-logits)))[:, None].astype(np.float32)
+
+
 def noisy_probs(
     masks: np.ndarray, channels: int, sigma: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """A model's probabilities: the truth's logits plus smooth (1/8 resolution) noise, so
-    models disagree in blobs near the boundary as real networks do, plus pixel noise."""
+    """A worst case for the agreement path: the truth's logits (+-4) plus blocky (1/8
+    resolution) and per-pixel noise, so models disagree all over the image (about 36% of
+    the pixels in region mode) and far more than trained networks do."""
     n, h, w = masks.shape
     c = max(channels, 2)
     lo = rng.standard_normal((n, c, -(-h // 8), -(-w // 8)), dtype=np.float32)
@@ -94,29 +116,51 @@ def noisy_probs(
 
 
 def write_store(
-    run_dir: Path, k: int, n: int, h: int, w: int, channels: int, seed: int, block: int = 32
+    run_dir: Path,
+    k: int,
+    n: int,
+    h: int,
+    w: int,
+    channels: int,
+    seed: int,
+    block: int = 32,
+    style: str = "network",
+    distinct: int | None = None,
 ) -> PredictionStore:
-    """The store layout, each model's npz streamed block by block (same bytes as np.savez)."""
+    """The store layout, each model's npz streamed block by block (same bytes as np.savez).
+
+    With `distinct` < n, only that many different images are generated and then repeated
+    (truth and probabilities alike): the RSS runs need a store of the full size on disk, not
+    2000 freshly simulated films."""
     rng = np.random.default_rng(seed)
     store = PredictionStore(run_dir)
-    masks = blob_masks(n, h, w, 1 if channels == 1 else channels - 1, rng)
+    distinct = min(n, distinct or n)
+    base = blob_masks(distinct, h, w, 1 if channels == 1 else channels - 1, rng)
+    masks = np.resize(base, (n, h, w))  # repeats the distinct images in order
     ids = np.array([f"img{i:05d}" for i in range(n)])
     film = (masks > 0).astype(np.uint8) * 60 + rng.integers(60, 160, masks.shape, np.uint8)
     store.write_truth(SPLIT, masks, ids, images=film, spacing=(0.5, 0.5))
     for m in range(k):
-        sigma = 1.0 + 0.25 * m
+        sigma = (1.5 if style == "network" else 1.0) + 0.25 * m
         path = store.probs_path(f"model{m:02d}", SPLIT)
         header = {
             "descr": np.lib.format.dtype_to_descr(np.dtype("<f2")),
             "fortran_order": False,
             "shape": (n, channels, h, w),
         }
+        pool: list[bytes] = []
         with atomic_open(path, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
             with zf.open("probs.npy", "w", force_zip64=True) as out:
                 np.lib.format.write_array_header_1_0(out, header)
                 for s in range(0, n, block):
-                    probs = noisy_probs(masks[s : s + block], channels, sigma, rng)
-                    out.write(probs.astype("<f2").tobytes())
+                    if s < distinct:
+                        part = base[s : min(s + block, distinct)]
+                        if style == "network" and channels == 1:
+                            probs = network_probs(part, sigma, rng)
+                        else:
+                            probs = noisy_probs(part, channels, sigma, rng)
+                        pool.extend(p.astype("<f2").tobytes() for p in probs)
+                    out.write(b"".join(pool[i % distinct] for i in range(s, min(s + block, n))))
             with zf.open("ids.npy", "w") as out:
                 np.lib.format.write_array(out, ids)
         store.write_manifest(f"model{m:02d}", {"status": "complete", "splits": [SPLIT]})
@@ -177,7 +221,8 @@ def read_all(run_dir: Path, chunk: int) -> float:
 
 def time_reads(run_dir: Path, chunk: int, repeat: int) -> dict[str, float]:
     """Best-of-`repeat` read times from disk (page cache dropped for the store) and from the
-    page cache, and of the store's own chunk reader (pread + value check)."""
+    page cache, and of the evaluator's chunk reader (pread into reused buffers, float16 as
+    stored, no prefetch thread)."""
     out: dict[str, float] = defaultdict(lambda: float("inf"))
     for _ in range(repeat):
         if evict(run_dir):
@@ -186,8 +231,8 @@ def time_reads(run_dir: Path, chunk: int, repeat: int) -> dict[str, float]:
         models, data = open_store(run_dir)
         arrays = [data.probs[m] for m in models]
         t0 = time.perf_counter()
-        for sl in iter_chunks(data.truth.n, chunk):
-            load_chunk(arrays, models, SPLIT, data.truth.ids, sl)
+        for _ in iter_raw_chunks(arrays, chunk, prefetch=False):
+            pass
         out["read_store_reader_cached_s"] = min(
             out["read_store_reader_cached_s"], time.perf_counter() - t0
         )
@@ -225,32 +270,43 @@ def time_evaluation(
 
 
 def profile(data: Any, models: list[str], chunk: int) -> dict[str, float]:
-    """Where the evaluation's time goes: each rule's fusion, labelling, overlap metrics."""
+    """Where the time goes, and the agreement path against fusing every pixel (the dense path
+    the evaluator keeps for vertebrae mode) on the same chunks, all methods, overlap metrics
+    included; plus the fraction of pixels where the models' votes disagree."""
     arrays = [data.probs[m] for m in models]
-    w = torch.full((len(models),), 1 / len(models))
-    num_classes = max(2, data.channels)
+    spec = spec_for(models)
+    methods = scored_methods(spec)
+    w = torch.tensor(spec.weights)
     t: dict[str, float] = defaultdict(float)
-    for sl in iter_chunks(data.truth.n, chunk):
-        with timer(t, "read"):
-            probs = torch.from_numpy(load_chunk(arrays, models, SPLIT, data.truth.ids, sl))
-        truth = torch.from_numpy(read_rows(data.truth.masks, sl).astype(np.int64))
-        for rule in RULES:
-            with timer(t, f"fuse_{rule}"):
-                scores = voting.fuse(rule, probs, w)
-            with timer(t, "to_labels"):
-                labels = voting.to_labels(scores)
-            with timer(t, "overlap_metrics"):
-                metrics.overlap_metrics(labels, truth, num_classes)
-        for k in range(len(models)):
-            with timer(t, "to_labels"):
-                labels = voting.to_labels(probs[k])
-            with timer(t, "overlap_metrics"):
-                metrics.overlap_metrics(labels, truth, num_classes)
-        with timer(t, "surface_metrics_soft_only"):
-            metrics.surface_metrics(
-                voting.to_labels(voting.fuse("soft", probs)), truth, num_classes
-            )
-    return {k: round(v, 3) for k, v in sorted(t.items())}
+    split_px = total_px = 0
+    with timer(t, "read_raw_chunks"):
+        for _ in iter_raw_chunks(arrays, chunk, prefetch=False):
+            pass
+    for sl, raw in iter_raw_chunks(arrays, chunk):
+        truth = read_rows(data.truth.masks, sl)
+        fg = torch.from_numpy(truth != 0).reshape(len(truth), -1)
+        keys = torch.from_numpy(raw).view(agreement.KEY_DTYPES[raw.dtype])
+        keys = keys.reshape(len(models), len(truth), -1)
+        with timer(t, "agreement_path"):
+            agreement.score_chunk(keys, fg, methods, w, raw.dtype)
+        lo, hi = keys.amin(0), keys.amax(0)
+        tk = agreement.threshold_key(0.5, raw.dtype)
+        split_px += int(((lo <= tk) & (hi > tk)).sum())
+        total_px += lo.numel()
+        with timer(t, "dense_path"):
+            probs = torch.from_numpy(raw).to(torch.float32)
+            for m in methods:
+                if m.model is None:
+                    labels = voting.fuse_labels(m.rule, probs, w, threshold=m.threshold)
+                else:
+                    labels = voting.to_labels(probs[m.model], m.threshold)
+                metrics.overlap_metrics(labels, truth, 2)
+        with timer(t, "surface_metrics_one_method"):
+            metrics.surface_metrics(voting.to_labels(voting.fuse("soft", probs)), truth, 2)
+    out = {k: round(v, 3) for k, v in sorted(t.items())}
+    out["dense_over_agreement"] = round(t["dense_path"] / t["agreement_path"], 1)
+    out["disagreement_fraction"] = round(split_px / total_px, 4)
+    return out
 
 
 def compare_monai(data: Any, models: list[str], chunk: int) -> dict[str, Any]:
@@ -356,7 +412,17 @@ def measure_rss(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     for n in [int(v) for v in args.rss_n.split(",") if v]:
         run_dir = work / f"rss_{n}"
         t0 = time.perf_counter()
-        write_store(run_dir, args.models, n, args.rss_size, args.rss_size, args.channels, args.seed)
+        write_store(
+            run_dir,
+            args.models,
+            n,
+            args.rss_size,
+            args.rss_size,
+            args.channels,
+            args.seed,
+            style=args.style,
+            distinct=args.rss_distinct,
+        )
         written = time.perf_counter() - t0
         cmd = [
             sys.executable,
@@ -430,7 +496,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"({m['physical_cores']} physical), torch threads {m['torch_threads']}",
         "",
         f"Store: K={cfg['models']} models x N={cfg['images']} images x "
-        f"{cfg['height']}x{cfg['width']}, C={cfg['channels']}, chunk {cfg['chunk_size']}",
+        f"{cfg['height']}x{cfg['width']}, C={cfg['channels']}, chunk {cfg['chunk_size']}, "
+        f"{cfg['style']} probabilities"
+        + (
+            f" (models disagree on {100 * result['profile']['disagreement_fraction']:.1f}% "
+            "of the pixels)"
+            if result.get("profile")
+            else ""
+        ),
         "",
         "| measurement | seconds | x disk read |",
         "|:--|--:|--:|",
@@ -503,6 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--channels", type=int, default=1, choices=(1, 5))
+    p.add_argument(
+        "--style",
+        default="network",
+        choices=("network", "noisy"),
+        help="synthetic probabilities: network-like (default) or the noisy worst case",
+    )
     p.add_argument("--chunk-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
@@ -513,6 +592,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-n", default="32,64,128", help="N values of the RSS runs ('' skips)")
     p.add_argument("--rss-size", type=int, default=256, help="H = W of the RSS runs")
     p.add_argument("--rss-distances", action="store_true", help="RSS runs with HD95/ASSD")
+    p.add_argument(
+        "--rss-distinct",
+        type=int,
+        default=64,
+        help="distinct images in the RSS stores (repeated up to N; generating is the slow part)",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     p.add_argument("--keep", action="store_true", help="keep the synthetic stores")
     p.add_argument("--out", type=Path, default=Path("bench_ensemble.json"))
@@ -536,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             args.width,
             args.channels,
             args.seed,
+            style=args.style,
         )
         write_s = time.perf_counter() - t0
         models, data = open_store(work / "speed")

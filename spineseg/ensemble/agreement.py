@@ -83,9 +83,26 @@ def threshold_key(t: float, dtype: np.dtype | type) -> int:
     return int(v.view(_INT[dtype]))
 
 
-def _image_sums(x: Tensor, bounds: Sequence[tuple[int, int]]) -> Tensor:
-    """Sums of x (R, M) over each image's contiguous run of columns -> (R, n) int64."""
-    return torch.stack([x[:, a:b].sum(1, dtype=torch.int64) for a, b in bounds], 1)
+def _count(x: Tensor, dim: int) -> Tensor:
+    """True values of a bool tensor along `dim`, as int64. Summing its uint8 view into
+    int32 is several times faster on CPU than summing bool into int64."""
+    return x.view(torch.uint8).sum(dim, dtype=torch.int32).to(torch.int64)
+
+
+def _image_counts(x: Tensor, bounds: Sequence[tuple[int, int]]) -> Tensor:
+    """True values of bool x (R, M) in each image's contiguous run of columns -> (R, n)."""
+    if not bounds:
+        return torch.zeros(x.shape[0], 0, dtype=torch.int64)
+    return torch.stack([_count(x[:, a:b], 1) for a, b in bounds], 1)
+
+
+def _gather_columns(x: Tensor, idx: Tensor) -> Tensor:
+    """x[:, idx] for a (K, L) tensor, row by row: each row's gather then reads one
+    contiguous row (about 2x faster than a 2-D index_select on CPU)."""
+    out = torch.empty((x.shape[0], idx.numel()), dtype=x.dtype)
+    for j in range(x.shape[0]):
+        torch.index_select(x[j], 0, idx, out=out[j])
+    return out
 
 
 def score_chunk(
@@ -106,7 +123,7 @@ def score_chunk(
     lo, hi = keys.amin(0), keys.amax(0)  # two int reductions beat one aminmax on CPU
     if bool(lo.min() < 0) or bool(hi.max() > value_key(1.0, dtype)):
         return None
-    ts = truth.sum(1, dtype=torch.int64)
+    ts = _count(truth, 1)
     out: dict[str, Scored] = {}
     by_threshold: dict[int, list[Method]] = {}
     for m in methods:
@@ -119,12 +136,12 @@ def score_chunk(
         img = torch.div(idx, npix, rounding_mode="floor")
         ends = torch.bincount(img, minlength=n).cumsum(0).tolist()
         bounds = list(zip([0, *ends[:-1]], ends, strict=True))
-        sub = flat_keys.index_select(1, idx)  # (K, M)
+        sub = _gather_columns(flat_keys, idx)  # (K, M)
         votes = sub > tk
-        count = votes.sum(0)
+        count = votes.view(torch.uint8).sum(0, dtype=torch.uint8 if k < 256 else torch.int32)
         t_sub = truth.reshape(-1).index_select(0, idx)
-        fg_n = fg.sum(1, dtype=torch.int64)
-        fg_t = (fg & truth).sum(1, dtype=torch.int64)
+        fg_n = _count(fg, 1)
+        fg_t = _count(fg & truth, 1)
         split_n = torch.tensor([b - a for a, b in bounds], dtype=torch.int64)
         needs_values = any(
             m.rule in ("soft", "weighted", "logit_mean") or (m.rule == "median" and k % 2 == 0)
@@ -138,7 +155,7 @@ def score_chunk(
             if m.model is not None:
                 lab = votes[m.model]
             elif m.rule == "hard":
-                lab = 2 * count > k
+                lab = count > k // 2  # a strict majority: 2c > K
             elif m.rule == "max":
                 lab = torch.ones_like(count, dtype=torch.bool)  # some model is above t
             elif m.rule == "median":
@@ -156,10 +173,10 @@ def score_chunk(
             names.append(m)
             sub_labels.append(lab.to(torch.bool))
             flips.append(flip)
-        stacked = torch.stack(sub_labels) if sub_labels else torch.empty(0, idx.numel())
-        sums = _image_sums(torch.cat([stacked, stacked & t_sub, t_sub[None]]), bounds)
-        r = len(names)
-        sub_ps, sub_tp, split_t = sums[:r], sums[r : 2 * r], sums[2 * r]
+        stacked = torch.stack(sub_labels)
+        sub_ps = _image_counts(stacked, bounds)
+        sub_tp = _image_counts(stacked & t_sub, bounds)
+        split_t = _image_counts(t_sub[None], bounds)[0]
         bg_n = npix - fg_n - split_n
         bg_t = ts - fg_t - split_t
         for j, m in enumerate(names):
@@ -187,7 +204,7 @@ def _median_labels(votes: Tensor, count: Tensor, values: Tensor | None, t: float
     is the largest value <= t and the upper the smallest value > t, averaged as the dense
     rule does."""
     k = votes.shape[0]
-    lab = 2 * count > k
+    lab = count > k // 2  # 2c > K
     if k % 2:
         return lab
     tie = (count == k // 2).nonzero().squeeze(1)

@@ -156,6 +156,17 @@ class EnsembleSpec:
 
 
 # ---------------------------------------------------------------------- the one pass
+def scored_methods(spec: EnsembleSpec) -> list[agreement.Method]:
+    """Every rule at its threshold, then every model at the models' threshold."""
+    return [
+        *[agreement.Method(r, spec.thresholds.get(r, spec.threshold), rule=r) for r in spec.rules],
+        *[
+            agreement.Method(MODEL_PREFIX + m, spec.threshold, model=k)
+            for k, m in enumerate(spec.models)
+        ],
+    ]
+
+
 def evaluate_arrays(
     split: str,
     probs: Sequence[np.ndarray],
@@ -182,13 +193,7 @@ def evaluate_arrays(
     weights = torch.tensor(spec.weights, dtype=torch.float32)
     cols: dict[str, list[Any]] = {c: [] for c in PER_IMAGE_COLUMNS}
     best_name = MODEL_PREFIX + spec.best_single
-    methods = [
-        *[agreement.Method(r, spec.thresholds.get(r, spec.threshold), rule=r) for r in spec.rules],
-        *[
-            agreement.Method(MODEL_PREFIX + m, spec.threshold, model=k)
-            for k, m in enumerate(spec.models)
-        ],
-    ]
+    methods = scored_methods(spec)
     dtype = np.result_type(*[a.dtype for a in probs])
     binary_fast = (
         num_classes == 2
