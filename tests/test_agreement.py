@@ -162,3 +162,19 @@ def test_evaluator_fast_and_dense_paths_give_one_table(k, monkeypatch):
     )
     assert len(calls) == 3  # the float64 run never reached the agreement path
     pd.testing.assert_frame_equal(fast, dense)
+
+
+def test_selection_scores_and_tuned_thresholds_match_the_dense_path(tmp_path, monkeypatch):
+    """Validation Dice per model and the threshold-tuning table (7 rules x 19 thresholds)
+    are the same whether chunks take the agreement path or fuse every pixel."""
+    from ensemble_fixtures import make_store
+
+    from spineseg.ensemble.selection import ValidationView, tune_thresholds, validation_scores
+
+    models = ["m0", "m1", "m2", "m3"]
+    view = ValidationView(make_store(tmp_path, models=models, shape=(40, 36)))
+    weights = [0.4, 0.3, 0.2, 0.1]
+    fast = validation_scores(view, models), tune_thresholds(view, models, weights, RULES)
+    monkeypatch.setattr(agreement, "score_raw", lambda *a, **kw: None)
+    dense = validation_scores(view, models), tune_thresholds(view, models, weights, RULES)
+    assert fast == dense

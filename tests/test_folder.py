@@ -7,8 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from dicom_fixtures import write_dicom
 
 from spineseg.data.folder import folder_source
 from spineseg.data.sources import build_source
@@ -41,25 +40,6 @@ def write(path: Path, pixels: np.ndarray) -> Path:
     return path
 
 
-def write_dicom(path: Path, pixels: np.ndarray, **attrs) -> Path:
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 @pytest.fixture
 def dataset(tmp_path) -> Path:
     """Four good films: 8-bit PNG + binary 0/255, 16-bit TIFF + 0/1, JPEG + 1..4, DICOM."""
@@ -69,7 +49,9 @@ def dataset(tmp_path) -> Path:
     write(tmp_path / "masks/b.tif", region_mask(1))
     write(tmp_path / "images/c.jpg", film(2))
     write(tmp_path / "masks/c.png", vertebrae_mask())
-    write_dicom(tmp_path / "images/d.dcm", film(3, np.uint16), PixelSpacing=[0.2, 0.3])
+    write_dicom(
+        tmp_path / "images/d.dcm", film(3, np.uint16), "MONOCHROME1", PixelSpacing=[0.2, 0.3]
+    )
     write(tmp_path / "masks/d.png", vertebrae_mask())
     return tmp_path
 

@@ -8,36 +8,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from dicom_fixtures import write_dicom
+from pydicom.dataset import Dataset
 
 from spineseg.data.io import handle_error, load_parallel, read_image, read_mask
 from spineseg.errors import ConfigError, DataError
 
 RAMP16 = (np.arange(12 * 16, dtype=np.uint32).reshape(12, 16) * 300).astype(np.uint16)
 RAMP8 = (np.arange(12 * 16).reshape(12, 16) % 256).astype(np.uint8)
-
-
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **attrs):
-    """A minimal single-frame DICOM; `bits` = BitsStored, other kwargs become attributes."""
-    bits = attrs.pop("bits", 8 if pixels.dtype == np.uint8 else 12)
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    ds.Rows, ds.Columns = pixels.shape[:2]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = pixels.dtype.itemsize * 8
-    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
-    ds.PixelData = pixels.tobytes()
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def _bad(path: Path, fragment: str, reader=read_image) -> DataError:

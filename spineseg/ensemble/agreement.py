@@ -30,7 +30,15 @@ from torch import Tensor
 
 from spineseg.ensemble import voting
 
-__all__ = ["KEY_DTYPES", "Method", "Scored", "score_chunk", "threshold_key", "value_key"]
+__all__ = [
+    "KEY_DTYPES",
+    "Method",
+    "Scored",
+    "score_chunk",
+    "score_raw",
+    "threshold_key",
+    "value_key",
+]
 
 #: Stored dtype -> the integer dtype its keys are read as.
 KEY_DTYPES: dict[np.dtype, torch.dtype] = {
@@ -149,12 +157,14 @@ def score_chunk(
         )
         values = sub.view(_VALUE_DTYPES[dtype]).to(torch.float32) if needs_values else None
 
-        names, sub_labels, flips = [], [], []
+        rule_rows: list[Tensor] = []
+        row_of: dict[str, tuple[str, int]] = {}  # method -> ("vote" | "rule", row)
+        flips: dict[str, tuple[Tensor, Tensor]] = {}  # STAPLE's labels of the agreement patterns
         for m in group:
-            flip = None  # STAPLE may relabel the agreement patterns
             if m.model is not None:
-                lab = votes[m.model]
-            elif m.rule == "hard":
+                row_of[m.name] = ("vote", m.model)
+                continue
+            if m.rule == "hard":
                 lab = count > k // 2  # a strict majority: 2c > K
             elif m.rule == "max":
                 lab = torch.ones_like(count, dtype=torch.bool)  # some model is above t
@@ -167,33 +177,63 @@ def score_chunk(
             elif m.rule == "staple":
                 if k > 16 or 2**k >= npix:  # the dense STAPLE runs pixel-wise EM there
                     return None
-                lab, flip = _staple_labels(votes, img, bounds, fg_n, split_n, npix, k)
+                lab, flips[m.name] = _staple_labels(votes, img, bounds, fg_n, split_n, npix, k)
             else:
                 raise ValueError(f"no agreement scoring for rule {m.rule!r}")
-            names.append(m)
-            sub_labels.append(lab.to(torch.bool))
-            flips.append(flip)
-        stacked = torch.stack(sub_labels)
-        sub_ps = _image_counts(stacked, bounds)
-        sub_tp = _image_counts(stacked & t_sub, bounds)
+            row_of[m.name] = ("rule", len(rule_rows))
+            rule_rows.append(lab.to(torch.bool))
+        rows = {"vote": votes}
+        if rule_rows:
+            rows["rule"] = torch.stack(rule_rows)
+        if not any(kind == "vote" for kind, _ in row_of.values()):
+            rows.pop("vote")
+        sub_ps = {kind: _image_counts(x, bounds) for kind, x in rows.items()}
+        sub_tp = {kind: _image_counts(x & t_sub, bounds) for kind, x in rows.items()}
         split_t = _image_counts(t_sub[None], bounds)[0]
         bg_n = npix - fg_n - split_n
         bg_t = ts - fg_t - split_t
-        for j, m in enumerate(names):
-            tp, ps = fg_t + sub_tp[j], fg_n + sub_ps[j]
+        for m in group:
+            kind, j = row_of[m.name]
+            tp, ps = fg_t + sub_tp[kind][j], fg_n + sub_ps[kind][j]
             labels = None
-            if flips[j] is not None:  # STAPLE: pattern "all 0" / "all 1" labels per image
-                on_bg, on_fg = flips[j]
-                tp = on_fg * fg_t + on_bg * bg_t + sub_tp[j]
-                ps = on_fg * fg_n + on_bg * bg_n + sub_ps[j]
+            if m.name in flips:  # STAPLE: pattern "all 0" / "all 1" labels per image
+                on_bg, on_fg = flips[m.name]
+                tp = on_fg * fg_t + on_bg * bg_t + sub_tp[kind][j]
+                ps = on_fg * fg_n + on_bg * bg_n + sub_ps[kind][j]
                 if want_labels:
                     labels = torch.where(fg, on_fg[:, None], on_bg[:, None] & ~split)
             elif want_labels:
                 labels = fg.clone()
             if labels is not None:
-                labels.view(-1)[idx] = sub_labels[j]
+                labels.view(-1)[idx] = rows[kind][j]
             out[m.name] = Scored(tp, ps, labels)
     return out
+
+
+def score_raw(
+    raw: np.ndarray,
+    truth: np.ndarray,
+    methods: Sequence[Method],
+    weights: Tensor | None,
+    want_labels: bool = False,
+) -> tuple[dict[str, Scored], Tensor] | None:
+    """`score_chunk` on a chunk as the store's reader yields it, (K, n, 1, H, W) float16 or
+    float32 (writeable), with (n, H, W) truth labels; also returns the per-image truth
+    counts. None when the chunk needs the dense path (vertebrae mode, another dtype, an
+    unsupported rule, or values outside [0, 1])."""
+    dtype = raw.dtype
+    if (
+        dtype not in KEY_DTYPES
+        or raw.ndim != 5
+        or raw.shape[2] != 1
+        or any(m.rule is not None and m.rule not in SUPPORTED for m in methods)
+    ):
+        return None
+    k, n = raw.shape[:2]
+    keys = torch.from_numpy(raw).view(KEY_DTYPES[dtype]).reshape(k, n, -1)
+    fg = torch.from_numpy(np.ascontiguousarray(truth != 0)).reshape(n, -1)
+    scored = score_chunk(keys, fg, methods, weights, dtype, want_labels)
+    return None if scored is None else (scored, _count(fg, 1))
 
 
 def _median_labels(votes: Tensor, count: Tensor, values: Tensor | None, t: float) -> Tensor:

@@ -32,7 +32,7 @@ from spineseg.ensemble.store import (
     SPLITS,
     PredictionStore,
     Truth,
-    check_probs_chunk,
+    checked_float32,
     iter_raw_chunks,
     load_chunk,
     read_rows,
@@ -194,12 +194,6 @@ def evaluate_arrays(
     cols: dict[str, list[Any]] = {c: [] for c in PER_IMAGE_COLUMNS}
     best_name = MODEL_PREFIX + spec.best_single
     methods = scored_methods(spec)
-    dtype = np.result_type(*[a.dtype for a in probs])
-    binary_fast = (
-        num_classes == 2
-        and dtype in agreement.KEY_DTYPES
-        and all(m.rule is None or m.rule in agreement.SUPPORTED for m in methods)
-    )
 
     def add(
         method: str,
@@ -225,23 +219,15 @@ def evaluate_arrays(
     for sl, raw in iter_raw_chunks(probs, chunk_size):
         truth = read_rows(masks, sl)
         sp = None if spacing is None else np.asarray(spacing[sl], dtype=np.float64)
-        scored = None
-        if binary_fast:
-            keys = torch.from_numpy(raw).view(agreement.KEY_DTYPES[dtype])
-            fg = torch.from_numpy(np.ascontiguousarray(truth != 0)).reshape(len(truth), -1)
-            scored = agreement.score_chunk(
-                keys.reshape(len(probs), len(truth), -1), fg, methods, weights, dtype, distances
-            )
-        if scored is not None:
-            ts = fg.sum(1, dtype=torch.int64)
+        fast = agreement.score_raw(raw, truth, methods, weights, want_labels=distances)
+        if fast is not None:
+            scored, ts = fast
             for m in methods:
                 got = scored[m.name]
                 labels = None if got.labels is None else got.labels.reshape(truth.shape).numpy()
                 add(m.name, metrics.overlap_from_counts(got.tp, got.ps, ts), labels, truth, sl, sp)
             continue
-        chunk = torch.from_numpy(raw).to(torch.float32)
-        for k, model in enumerate(spec.models):
-            check_probs_chunk(chunk[k].numpy(), model, split, ids[sl])
+        chunk = checked_float32(raw, spec.models, split, ids[sl])
         for m in methods:
             if m.model is None:
                 labels = voting.fuse_labels(m.rule, chunk, weights, threshold=m.threshold)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from spineseg.ensemble import metrics, voting
+from spineseg.ensemble import agreement, metrics, voting
 from spineseg.ensemble.store import (
     PredictionStore,
     SplitData,
+    checked_float32,
     iter_chunks,
+    iter_raw_chunks,
     load_chunk,
     read_rows,
 )
@@ -99,6 +101,39 @@ def _chunk_dice(labels: torch.Tensor, masks: np.ndarray, num_classes: int) -> np
     return np.asarray(out["dice"], dtype=np.float64)
 
 
+def _chunk_dices(
+    data: Any,
+    arrays: Sequence[np.ndarray],
+    models: Sequence[str],
+    methods: Sequence[agreement.Method],
+    weights: torch.Tensor | None,
+    chunk_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """{method: per-image Dice} per chunk of the validation split: the
+    agreement path where it applies, else every pixel fused (as the evaluator does)."""
+    for sl, raw in iter_raw_chunks(arrays, chunk_size):
+        masks = read_rows(data.truth.masks, sl)
+        fast = agreement.score_raw(raw, masks, methods, weights)
+        if fast is not None:
+            scored, ts = fast
+            yield {
+                m.name: metrics.overlap_from_counts(scored[m.name].tp, scored[m.name].ps, ts)[
+                    "dice"
+                ]
+                for m in methods
+            }
+            continue
+        probs = checked_float32(raw, models, VAL, data.truth.ids[sl])
+        out = {}
+        for m in methods:
+            if m.model is None:
+                labels = voting.fuse_labels(m.rule, probs, weights, threshold=m.threshold)
+            else:
+                labels = voting.to_labels(probs[m.model], m.threshold)
+            out[m.name] = _chunk_dice(labels, masks, data.num_classes)
+        yield out
+
+
 def validation_scores(
     view: ValidationView, models: Sequence[str], threshold: float = 0.5, chunk_size: int = 16
 ) -> dict[str, float]:
@@ -107,13 +142,11 @@ def validation_scores(
     arrays = [data.probs[m] for m in models]
     totals = np.zeros(len(models))
     counts = np.zeros(len(models))
-    for sl in iter_chunks(data.truth.n, chunk_size):
-        probs = torch.from_numpy(load_chunk(arrays, models, VAL, data.truth.ids, sl))
-        masks = read_rows(data.truth.masks, sl)
-        for k in range(len(models)):
-            dice = _chunk_dice(voting.to_labels(probs[k], threshold), masks, data.num_classes)
-            totals[k] += np.nansum(dice)
-            counts[k] += np.isfinite(dice).sum()
+    methods = [agreement.Method(m, threshold, model=k) for k, m in enumerate(models)]
+    for dice in _chunk_dices(data, arrays, models, methods, None, chunk_size):
+        for k, m in enumerate(methods):
+            totals[k] += np.nansum(dice[m.name])
+            counts[k] += np.isfinite(dice[m.name]).sum()
     with np.errstate(invalid="ignore"):
         means = totals / counts
     return {m: float(v) for m, v in zip(models, means, strict=True)}
@@ -199,15 +232,16 @@ def tune_thresholds(
     w = torch.tensor(list(weights), dtype=torch.float32)
     sums = np.zeros((len(rules), len(grid)))
     n = np.zeros((len(rules), len(grid)))
-    for sl in iter_chunks(data.truth.n, chunk_size):
-        probs = torch.from_numpy(load_chunk(arrays, models, VAL, data.truth.ids, sl))
-        masks = read_rows(data.truth.masks, sl)
+    methods = [
+        agreement.Method(f"{rule}@{g}", float(t), rule=rule)
+        for rule in rules
+        for g, t in enumerate(grid)
+    ]
+    for dice in _chunk_dices(data, arrays, models, methods, w, chunk_size):
         for r, rule in enumerate(rules):
-            for g, t in enumerate(grid):
-                labels = voting.fuse_labels(rule, probs, w, threshold=t)
-                dice = _chunk_dice(labels, masks, data.num_classes)
-                sums[r, g] += np.nansum(dice)
-                n[r, g] += np.isfinite(dice).sum()
+            for g in range(len(grid)):
+                sums[r, g] += np.nansum(dice[f"{rule}@{g}"])
+                n[r, g] += np.isfinite(dice[f"{rule}@{g}"]).sum()
     with np.errstate(invalid="ignore"):
         means = np.nan_to_num(sums / n, nan=-np.inf)
     closeness = -np.abs(np.asarray(grid) - default)

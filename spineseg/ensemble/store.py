@@ -491,6 +491,16 @@ def check_probs_chunk(
         )
 
 
+def checked_float32(
+    raw: np.ndarray, models: Sequence[str], split: str, ids: Sequence[str]
+) -> torch.Tensor:
+    """A raw (K, n, ...) chunk as float32, each model's rows value-checked (`check_probs_chunk`)."""
+    chunk = torch.from_numpy(raw).to(torch.float32)
+    for k, model in enumerate(models):
+        check_probs_chunk(chunk[k].numpy(), model, split, ids)
+    return chunk
+
+
 def check_ids(ids: np.ndarray, expected: np.ndarray, model: str, split: str) -> None:
     """Predictions must list exactly the truth's images in the truth's order."""
     if len(ids) == len(expected) and np.array_equal(ids, expected):
