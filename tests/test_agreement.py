@@ -93,6 +93,15 @@ def test_all_agree_and_empty_truth():
     check_chunk(probs, truth, {}, np.ones(4))
 
 
+@pytest.mark.parametrize("w", [np.full(10, 0.1), np.arange(1, 11) / 7.0, np.full(10, 1 / 3)])
+def test_every_model_exactly_on_the_threshold(w):
+    """All models at exactly t = 0.5: every rule says background on both paths, even when
+    the float32 weights do not sum to exactly 1."""
+    probs = np.full((10, 2, 1100), 0.5, dtype=np.float16)  # 1100 > 2^10: STAPLE by patterns
+    probs[:, 1, :400] = 0.25
+    check_chunk(probs, np.ones((2, 1100), dtype=bool), {}, w)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     k=st.integers(1, 5),

@@ -170,6 +170,39 @@ def test_cli_folder_writes_outputs_and_lists_corrupt_files(tmp_path, run_dir, ca
     np.testing.assert_array_equal(a_mask, lib.labels * 255)
 
 
+def test_cli_a_film_failing_in_the_pipeline_is_skipped_not_fatal(
+    tmp_path, run_dir, monkeypatch, capsys
+):
+    """A folder run lists a film the model pipeline rejects and predicts the others; a
+    single-file run fails with the file's name."""
+    from spineseg.predict import Ensemble
+
+    predict = Ensemble.predict
+
+    def picky(self, image):
+        if image.shape == (77, 50):
+            raise ValueError("cannot take 77x50 films")
+        return predict(self, image)
+
+    monkeypatch.setattr(Ensemble, "predict", picky)
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "good.png"), film(150, 90))
+    cv2.imwrite(str(src / "odd.png"), film(77, 50))
+    out = tmp_path / "out"
+    assert cli_main([f"run_dir={run_dir}", f"input={src}", f"output={out}"]) == 0
+    assert "skipped odd.png: ValueError: cannot take 77x50 films" in capsys.readouterr().err
+    with open(out / "skipped.csv") as fh:
+        assert [r["file"] for r in csv.DictReader(fh)] == ["odd.png"]
+    with open(out / "predictions.csv") as fh:
+        assert [r["file"] for r in csv.DictReader(fh)] == ["good.png"]
+    assert not (out / "odd_mask.png").exists()
+    with pytest.raises(SystemExit) as info:
+        cli_main([f"run_dir={run_dir}", f"input={src / 'odd.png'}", f"output={out}"])
+    assert info.value.code == 1
+    assert "odd.png" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["no_run_dir", "no_selection", "bad_key"])
 def test_cli_errors_are_one_line(tmp_path, case):
     image = tmp_path / "x.png"

@@ -3,7 +3,7 @@
 
 Per film it writes `<stem>_mask.png` (region 0/255; vertebrae labels 0..4) and, with
 overlay=true, `<stem>_overlay.png`; then `predictions.csv` and `skipped.csv` (films that could
-not be read, with the reason: a folder run never drops a file silently). Plain key=value
+not be read or predicted, with the reason: a folder run never drops a file silently). Plain key=value
 arguments rather than Hydra: there is no config tree to compose here.
 """
 
@@ -145,13 +145,22 @@ def run(opts: dict[str, str]) -> tuple[int, int]:
             skipped.append((path.name, err.problem))
             print(f"skipped {path.name}: {err.problem}", file=sys.stderr)
             continue
-        pred = ensemble.predict(film)
-        mask = pred.labels * 255 if ensemble.target == "region" else pred.labels
-        write_png(out / f"{stem}_mask.png", mask.astype(np.uint8))
-        if draw:
-            write_png(
-                out / f"{stem}_overlay.png", overlay(film, pred.labels, ensemble.target != "region")
-            )
+        try:
+            pred = ensemble.predict(film)
+            mask = pred.labels * 255 if ensemble.target == "region" else pred.labels
+            write_png(out / f"{stem}_mask.png", mask.astype(np.uint8))
+            if draw:
+                per_label = ensemble.target != "region"
+                write_png(out / f"{stem}_overlay.png", overlay(film, pred.labels, per_label))
+        except (DataError, ValueError, cv2.error) as err:
+            # A film the pipeline cannot take (odd shape or depth, an OpenCV failure) is this
+            # film's problem: a folder run lists it and goes on with the others.
+            problem = err.problem if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
+            if source.is_file():
+                raise DataError(path, problem) from err
+            skipped.append((path.name, problem))
+            print(f"skipped {path.name}: {problem}", file=sys.stderr)
+            continue
         pixels = int((pred.labels > 0).sum())
         area = "" if spacing is None else f"{pixels * spacing[0] * spacing[1]:.4f}"
         h, w = pred.shape

@@ -136,7 +136,16 @@ def weighted_vote(probs: Tensor, *, weights: WeightsLike = None, threshold: floa
     """Weighted mean probability; weights are normalised to sum 1 (e.g. validation Dice)."""
     probs = _as_probs(probs)
     w = _normalised_weights(weights, probs.shape[0], probs.device)
-    return _finish(torch.tensordot(w, probs, dims=1))
+    return _finish(_within_inputs(torch.tensordot(w, probs, dims=1), probs))
+
+
+def _within_inputs(fused: Tensor, probs: Tensor) -> Tensor:
+    """Clamp a fused map to each pixel's [min, max] over models, where a weighted or
+    geometric mean lies exactly. float32 weights summing to 1 + 1 ulp could otherwise put
+    the mean of K equal values 1 ulp above them; with the clamp, "every model above t" and
+    "every model at or below t" decide the fused label exactly, which the evaluator's
+    agreement path relies on."""
+    return torch.minimum(torch.maximum(fused, probs.amin(dim=0)), probs.amax(dim=0))
 
 
 def max_vote(probs: Tensor, *, weights: WeightsLike = None, threshold: float = 0.5) -> Tensor:
@@ -168,7 +177,7 @@ def logit_mean(probs: Tensor, *, weights: WeightsLike = None, threshold: float =
         # torch.special.logit is one fused kernel (log(p / (1 - p))), ~4x faster on CPU than
         # log(p) - log1p(-p); p = 0 and 1 give -inf and inf, which the clamp bounds.
         logits = torch.special.logit(probs).clamp_(-_LOGIT_MAX, _LOGIT_MAX)
-        return _finish(torch.sigmoid(logits.mean(dim=0)))
+        return _finish(_within_inputs(torch.sigmoid(logits.mean(dim=0)), probs))
     logp = torch.log(probs.clamp(_LOGIT_CLIP, 1.0)).mean(dim=0)
     return _finish(torch.softmax(logp, dim=1))
 
