@@ -141,8 +141,8 @@ def score_chunk(
         fg = lo > tk  # every model above t
         split = (hi > tk) & ~fg  # the models disagree
         idx = split.reshape(-1).nonzero().squeeze(1)  # ascending, so images are contiguous runs
-        img = torch.div(idx, npix, rounding_mode="floor")
-        ends = torch.bincount(img, minlength=n).cumsum(0).tolist()
+        split_n = _count(split, 1)
+        ends = split_n.cumsum(0).tolist()
         bounds = list(zip([0, *ends[:-1]], ends, strict=True))
         sub = _gather_columns(flat_keys, idx)  # (K, M)
         votes = sub > tk
@@ -150,7 +150,6 @@ def score_chunk(
         t_sub = truth.reshape(-1).index_select(0, idx)
         fg_n = _count(fg, 1)
         fg_t = _count(fg & truth, 1)
-        split_n = torch.tensor([b - a for a, b in bounds], dtype=torch.int64)
         needs_values = any(
             m.rule in ("soft", "weighted", "logit_mean") or (m.rule == "median" and k % 2 == 0)
             for m in group
@@ -177,7 +176,7 @@ def score_chunk(
             elif m.rule == "staple":
                 if k > 16 or 2**k >= npix:  # the dense STAPLE runs pixel-wise EM there
                     return None
-                lab, flips[m.name] = _staple_labels(votes, img, bounds, fg_n, split_n, npix, k)
+                lab, flips[m.name] = _staple_labels(votes, split_n, fg_n, npix, k)
             else:
                 raise ValueError(f"no agreement scoring for rule {m.rule!r}")
             row_of[m.name] = ("rule", len(rule_rows))
@@ -258,17 +257,14 @@ def _median_labels(votes: Tensor, count: Tensor, values: Tensor | None, t: float
 
 
 def _staple_labels(
-    votes: Tensor,
-    img: Tensor,
-    bounds: Sequence[tuple[int, int]],
-    fg_n: Tensor,
-    split_n: Tensor,
-    npix: int,
-    k: int,
+    votes: Tensor, split_n: Tensor, fg_n: Tensor, npix: int, k: int
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """STAPLE per image from pattern counts: the disagreement pixels' own codes plus the
-    agreement pixels as pattern 0 (all background) and pattern 2^K - 1 (all foreground)."""
-    n, n_pat = len(bounds), 2**k
+    agreement pixels as pattern 0 (all background) and pattern 2^K - 1 (all foreground).
+
+    votes: (K, M) of the disagreement pixels, image by image (split_n of image i)."""
+    n, n_pat = len(split_n), 2**k
+    img = torch.repeat_interleave(torch.arange(n), split_n)
     codes = voting.vote_codes(votes)
     flat = img * n_pat + codes
     counts = torch.bincount(flat, minlength=n * n_pat).reshape(n, n_pat)
