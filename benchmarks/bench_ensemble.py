@@ -180,6 +180,20 @@ def spec_for(models: list[str]) -> EnsembleSpec:
     )
 
 
+def evaluate_store(data: Any, models: list[str], chunk: int, distances: bool) -> Any:
+    """The evaluator's full pass over the synthetic split, as `spineseg-ensemble` runs it."""
+    return evaluate_arrays(
+        SPLIT,
+        [data.probs[m] for m in models],
+        data.truth.masks,
+        data.truth.ids,
+        spec_for(models),
+        data.truth.distance_spacing,
+        chunk,
+        distances,
+    )
+
+
 # ---------------------------------------------------------------------- measurements
 @contextlib.contextmanager
 def timer(bucket: dict[str, float], key: str) -> Iterator[None]:
@@ -248,22 +262,12 @@ def time_evaluation(
     run_dir: Path | None = None,
 ) -> float:
     """Best of `repeat` evaluations; with `run_dir` the store is evicted before each."""
-    arrays = [data.probs[m] for m in models]
     best = float("inf")
     for _ in range(repeat):
         if run_dir is not None:
             evict(run_dir)
         t0 = time.perf_counter()
-        frame = evaluate_arrays(
-            SPLIT,
-            arrays,
-            data.truth.masks,
-            data.truth.ids,
-            spec_for(models),
-            data.truth.distance_spacing,
-            chunk,
-            distances,
-        )
+        frame = evaluate_store(data, models, chunk, distances)
         best = min(best, time.perf_counter() - t0)
         assert len(frame) == (len(RULES) + len(models) + 1) * data.truth.n
     return best
@@ -388,16 +392,7 @@ def rss_child(run_dir: Path, chunk: int, distances: bool) -> None:
         reset = False
     before = _status_kib("VmRSS") * 1024
     t0 = time.perf_counter()
-    evaluate_arrays(
-        SPLIT,
-        [data.probs[m] for m in models],
-        data.truth.masks,
-        data.truth.ids,
-        spec_for(models),
-        data.truth.distance_spacing,
-        chunk,
-        distances,
-    )
+    evaluate_store(data, models, chunk, distances)
     elapsed = time.perf_counter() - t0
     peak = _status_kib("VmHWM") * 1024
     print(

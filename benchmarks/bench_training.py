@@ -107,6 +107,19 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def finish(args: argparse.Namespace, result: dict) -> None:
+    """Print the setting and the table; write `result` to `--out`."""
+    rss = f"; peak RSS {result['peak_rss_mib']} MiB" if "peak_rss_mib" in result else ""
+    print(
+        f"\n{result['machine']}; {args.size}x{args.size}, batch 8, "
+        f"{result['images']} images/epoch, {args.epochs} epochs{rss}\n"
+    )
+    print_table(result["rows"])
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
 def _per_process(args: argparse.Namespace) -> None:
     """One process per preset, so each row's peak RSS is that preset's own."""
     import subprocess
@@ -139,14 +152,7 @@ def _per_process(args: argparse.Namespace) -> None:
         child, _ = json.JSONDecoder().raw_decode(out[out.index("{\n") :])  # prints may follow
         rows.append({**child["rows"][0], "peak_rss_mib": child["peak_rss_mib"]})
         print(rows[-1], flush=True)
-    print(
-        f"\n{child['machine']}; {args.size}x{args.size}, batch 8, {child['images']} images/epoch, "
-        f"{args.epochs} epochs\n"
-    )
-    print_table(rows)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"machine": child["machine"], "rows": rows}, fh, indent=2)
+    finish(args, {"machine": child["machine"], "images": child["images"], "rows": rows})
 
 
 def main() -> None:
@@ -195,14 +201,7 @@ def main() -> None:
         "peak_rss_mib": round(peak_rss_mib()),
         "rows": rows,
     }
-    print(
-        f"\n{result['machine']}; {args.size}x{args.size}, batch 8, "
-        f"{len(loader.dataset)} images/epoch, {args.epochs} epochs; peak RSS {result['peak_rss_mib']} MiB\n"
-    )
-    print_table(rows)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+    finish(args, result)
 
 
 if __name__ == "__main__":
