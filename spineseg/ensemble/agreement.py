@@ -34,6 +34,7 @@ __all__ = [
     "KEY_DTYPES",
     "Method",
     "Scored",
+    "dense_labels",
     "score_chunk",
     "score_raw",
     "threshold_key",
@@ -207,6 +208,14 @@ def score_chunk(
                 labels.view(-1)[idx] = rows[kind][j]
             out[m.name] = Scored(tp, ps, labels)
     return out
+
+
+def dense_labels(probs: Tensor, method: Method, weights: Tensor | None) -> Tensor:
+    """(n, H, W) uint8 labels of one method from fusing every pixel of a float32
+    (K, n, C, H, W) chunk: the reference path, and the one vertebrae mode takes."""
+    if method.model is not None:
+        return voting.to_labels(probs[method.model], method.threshold)
+    return voting.fuse_labels(method.rule, probs, weights, threshold=method.threshold)
 
 
 def score_raw(

@@ -229,10 +229,7 @@ def evaluate_arrays(
             continue
         chunk = checked_float32(raw, spec.models, split, ids[sl])
         for m in methods:
-            if m.model is None:
-                labels = voting.fuse_labels(m.rule, chunk, weights, threshold=m.threshold)
-            else:
-                labels = voting.to_labels(chunk[m.model], m.threshold)
+            labels = agreement.dense_labels(chunk, m, weights)
             add(m.name, metrics.overlap_metrics(labels, truth, num_classes), labels, truth, sl, sp)
     df = pd.DataFrame(cols, columns=list(PER_IMAGE_COLUMNS))
     # Same table whatever the chunk size: methods in report order, images in store order.

@@ -124,14 +124,10 @@ def _chunk_dices(
             }
             continue
         probs = checked_float32(raw, models, VAL, data.truth.ids[sl])
-        out = {}
-        for m in methods:
-            if m.model is None:
-                labels = voting.fuse_labels(m.rule, probs, weights, threshold=m.threshold)
-            else:
-                labels = voting.to_labels(probs[m.model], m.threshold)
-            out[m.name] = _chunk_dice(labels, masks, data.num_classes)
-        yield out
+        yield {
+            m.name: _chunk_dice(agreement.dense_labels(probs, m, weights), masks, data.num_classes)
+            for m in methods
+        }
 
 
 def validation_scores(
