@@ -194,22 +194,29 @@ class StapleResult(NamedTuple):
 def _staple_core(
     d: Tensor, counts: Tensor | None, *, eps: float, tol: float, max_iter: int
 ) -> StapleResult:
-    """EM over columns of d (B, K, M) with optional column multiplicities counts (B, M)."""
+    """EM over columns of d (B, K, M) with optional column multiplicities counts (B, M).
+
+    In float64: float32 batched matmuls round differently with the batch's size, which made
+    an image's posterior depend (by ~1e-6) on which images shared its chunk. The outputs
+    are float32."""
     b, k, _ = d.shape
     dev = d.device
+    d = d.to(torch.float64)
+    opts = {"device": dev, "dtype": torch.float64}
     if counts is None:
         d_sum = d.sum(2)  # (B, K): sum_i D_ij
-        npix = torch.full((b, 1), float(d.shape[2]), device=dev)
+        npix = torch.full((b, 1), float(d.shape[2]), **opts)
     else:
+        counts = counts.to(torch.float64)
         d_sum = torch.bmm(d, counts[:, :, None])[:, :, 0]
         npix = counts.sum(1, keepdim=True)
     prior = (d_sum.sum(1) / (k * npix[:, 0])).clamp(eps, 1.0 - eps)  # (B,) mean vote
     log_odds_prior = torch.log(prior) - torch.log1p(-prior)
-    p = torch.full((b, k), 0.99, device=dev).clamp(eps, 1.0 - eps)
+    p = torch.full((b, k), 0.99, **opts).clamp(eps, 1.0 - eps)
     q = p.clone()
     active = torch.ones(b, dtype=torch.bool, device=dev)
     iters = torch.zeros(b, dtype=torch.int64, device=dev)
-    post = torch.zeros(b, d.shape[2], device=dev)
+    post = torch.zeros(b, d.shape[2], **opts)
     for _ in range(max_iter):
         # E-step in log space: log a_i = log f + sum_j [D_ij log p_j + (1 - D_ij) log(1 - p_j)],
         # log b_i = log(1 - f) + sum_j [(1 - D_ij) log q_j + D_ij log(1 - q_j)].
@@ -233,7 +240,7 @@ def _staple_core(
         active = active & (delta >= tol)
         if not bool(active.any()):
             break
-    return StapleResult(post, p, q, iters)
+    return StapleResult(post.float(), p.float(), q.float(), iters)
 
 
 def staple_em(
@@ -294,7 +301,7 @@ def staple_patterns(
     b, dev = counts.shape[0], counts.device
     bits = (torch.arange(n_pat, device=dev)[None, :] >> torch.arange(k, device=dev)[:, None]) & 1
     patterns = bits.to(torch.float32)[None].expand(b, k, n_pat).contiguous()  # (B, K, 2^K)
-    return _staple_core(patterns, counts.to(torch.float32), eps=eps, tol=tol, max_iter=max_iter)
+    return _staple_core(patterns, counts.to(torch.float64), eps=eps, tol=tol, max_iter=max_iter)
 
 
 def staple(
