@@ -49,9 +49,8 @@ KEY_DTYPES: dict[np.dtype, torch.dtype] = {
 _VALUE_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 _INT = {np.dtype(np.float16): np.int16, np.dtype(np.float32): np.int32}
 
-#: Rules the partition covers; any other name goes to the dense path.
-PIXELWISE = frozenset({"soft", "weighted", "logit_mean", "max", "median", "hard"})
-SUPPORTED = PIXELWISE | {"staple"}
+#: Rules scored here; a rule added to `voting.RULES` but not here goes to the dense path.
+SUPPORTED = frozenset({"soft", "weighted", "logit_mean", "max", "median", "hard", "staple"})
 
 
 @dataclass(frozen=True)
