@@ -28,6 +28,17 @@ from spineseg.models.module import SegmentationModule
 
 log = logging.getLogger(__name__)
 
+
+class _NoProductTips(logging.Filter):
+    """Drop Lightning's "💡 Tip: try installing litlogger / litmodels" lines: advertising,
+    not information about the run, repeated in every job's log of a 20-model sweep."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoProductTips())
+
 #: Config sections that define what a stored model *is*; others (logging, paths,
 #: workers, launcher) may change between a run and its resumption.
 IDENTITY_KEYS = ("model", "module", "data", "seed")

@@ -160,3 +160,17 @@ def test_sigkill_mid_training_then_rerun_completes(tmp_path):
             assert np.isfinite(probs).all() and len(store.ids(model, split)) == len(probs)
     leftovers = [p for p in run.rglob("*.tmp")]
     assert not leftovers
+
+
+def test_lightning_product_tips_are_filtered_from_job_logs():
+    import logging
+
+    import spineseg.train  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+
+    def record(msg: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.INFO, __file__, 1, msg, (), None)
+
+    assert not logger.filter(record("💡 Tip: For seamless cloud logging, try installing litlogger"))
+    assert logger.filter(record("GPU available: False, used: False"))
