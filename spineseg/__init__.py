@@ -2,9 +2,6 @@
 
 __version__ = "0.1.0"
 
-#: Label values used everywhere: 0 = background, 1..4 = Th8..Th11.
-VERTEBRAE: tuple[str, ...] = ("Th8", "Th9", "Th10", "Th11")
-
-from spineseg.utils import resolvers as _resolvers  # noqa: E402
+from spineseg.utils import resolvers as _resolvers
 
 _resolvers.register()

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from spineseg.data.datamodule import SpineDataModule
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import ConfigError
+from spineseg.labels import STORED_TARGET
 from spineseg.models.module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,17 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 
 
 def write_truth(store: PredictionStore, dm: SpineDataModule) -> None:
+    """The truth of what is stored (the derived region for levels models), plus Th8..Th11
+    for the level-error metric."""
     for split in dm.split_names:
         part = dm.parts[split]
         store.write_truth(
-            split, part.masks(dm.target), part.ids, images=part.images, spacing=part.spacing
+            split,
+            part.masks(STORED_TARGET[dm.target]),
+            part.ids,
+            images=part.images,
+            spacing=part.spacing,
+            vertebrae=part.vertebrae(),
         )
 
 

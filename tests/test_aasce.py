@@ -19,6 +19,7 @@ from spineseg.data.aasce import (
 )
 from spineseg.data.sources import build_source
 from spineseg.errors import ConfigError, DataError
+from spineseg.labels import level_value, vertebra_labels
 
 H, W = 260, 80
 
@@ -79,7 +80,12 @@ def test_loads_films_with_th8_to_th11_labels(tree):
     sample = samples["sunhl-1th-02-Jan-2017-162 A AP"]
     assert sample.image.shape == sample.label.shape == (H, W)
     assert sample.label.dtype == np.uint8 and not sample.binary_label
-    assert set(np.unique(sample.label)) == {0, 1, 2, 3, 4}
+    # every vertebra T1..L5 carries its level value; Th8..Th11 are 1..4 of the target
+    assert set(np.unique(sample.label).tolist()) == {
+        0,
+        *range(level_value("Th1"), level_value("L5") + 1),
+    }
+    assert set(np.unique(vertebra_labels(sample.label)).tolist()) == {0, 1, 2, 3, 4}
     assert sample.source_path == str(tree / "data/training" / NAMES[0])
     assert sample.meta["landmarks"].shape == (68, 2)
     sample.check()
@@ -91,17 +97,18 @@ def test_mask_geometry_matches_the_landmark_polygons(tree):
     for value, quad in enumerate(vertebra_polygons(points), start=1):
         k = 6 + value  # Th8 is vertebra k = 7
         np.testing.assert_allclose(quad.mean(0), points[4 * k : 4 * k + 4].mean(0))
-        ys, xs = np.nonzero(sample.label == value)
+        ys, xs = np.nonzero(vertebra_labels(sample.label) == value)
         expected = polygon_area(quad)
         perimeter = np.linalg.norm(quad - np.roll(quad, 1, axis=0), axis=1).sum()
         # cv2.fillPoly also sets the pixels the outline crosses: about half a pixel more
         # all round than the exact area, never less.
         assert 0 <= len(xs) - expected <= 0.6 * perimeter + 4, (value, len(xs), expected)
         assert np.hypot(xs.mean() - quad[:, 0].mean(), ys.mean() - quad[:, 1].mean()) < 0.5
-    # Th8 on top, Th11 at the bottom, nothing drawn for other vertebrae.
-    rows = [np.nonzero(sample.label == v)[0].mean() for v in range(1, 5)]
+    # Every vertebra T1..L5 is drawn with its level, top to bottom.
+    levels = range(level_value("Th1"), level_value("L5") + 1)
+    rows = [np.nonzero(sample.label == v)[0].mean() for v in levels]
     assert rows == sorted(rows)
-    assert not sample.label[: int(points[4 * 7 :, 1].min()) - 1].any()
+    assert not sample.label[: int(points[:, 1].min()) - 1].any()
 
 
 def test_corner_order_in_the_file_does_not_matter(tmp_path):

@@ -12,6 +12,7 @@ from dicom_fixtures import write_dicom
 from spineseg.data.folder import folder_source
 from spineseg.data.sources import build_source
 from spineseg.errors import ConfigError, DataError
+from spineseg.labels import LEVELS, TARGET_LEVELS, level_value, level_values, vertebra_labels
 
 H, W = 24, 16
 
@@ -80,7 +81,8 @@ def test_good_folder_loads_every_format_and_label_kind(dataset):
     assert a.binary_label and b.binary_label and not c.binary_label and not d.binary_label
     np.testing.assert_array_equal(a.label, region_mask(1))
     np.testing.assert_array_equal(b.label, region_mask(1))
-    np.testing.assert_array_equal(c.label, vertebrae_mask())
+    np.testing.assert_array_equal(vertebra_labels(c.label), vertebrae_mask())
+    assert set(np.unique(c.label).tolist()) == {0, *level_values(list(TARGET_LEVELS)).tolist()}
     assert b.image.dtype == np.uint16 and a.image.dtype == np.uint8
     np.testing.assert_array_equal(d.image, 4095 - film(3, np.uint16))  # MONOCHROME1
     assert d.spacing == pytest.approx((0.2, 0.3)) and a.spacing is None
@@ -180,6 +182,30 @@ def test_label_values_outside_the_expected_set(dataset):
     mixed[0, 0] = 1
     write(dataset / "masks/c.png", mixed)
     expect_error(dataset, "masks/c.png", "outside the expected set")
+
+
+def test_declared_levels_map_mask_values_to_vertebrae(dataset):
+    """A dataset labelling T1..L5 as 1..17 declares them; the values become those levels,
+    and a value beyond the declared ones is refused naming the file and the set."""
+    spine = [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)]
+    full = np.zeros((H, W), np.uint8)
+    for value in range(1, 18):
+        full[value, 2:14] = value
+    write(dataset / "masks/c.png", full)
+    c = load(dataset, levels=spine)["c"]
+    assert c.label[1, 2] == level_value("Th1") and c.label[17, 2] == level_value("L5")
+    assert c.label[8, 2] == level_value("Th8") and LEVELS[c.label[11, 2] - 1] == "Th11"
+    np.testing.assert_array_equal(vertebra_labels(c.label)[8:12, 2], [1, 2, 3, 4])
+    full[0, 0] = 18
+    write(dataset / "masks/c.png", full)
+    err = expect_error(dataset, "masks/c.png", "0..17", levels=spine)
+    assert "the 17 declared levels" in err.problem
+    with pytest.raises(ConfigError, match="must include Th8"):
+        folder_source(root=dataset, levels=["L1", "L2"])
+    with pytest.raises(ConfigError, match="ordered top to bottom"):
+        folder_source(root=dataset, levels=["Th11", "Th10", "Th9", "Th8"])
+    with pytest.raises(ConfigError, match="unknown vertebra level 'X9'"):
+        folder_source(root=dataset, levels=["X9"])
 
 
 def test_empty_mask(dataset):

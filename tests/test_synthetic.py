@@ -24,6 +24,7 @@ from spineseg.data.synthetic import (
     synthetic_source,
 )
 from spineseg.errors import ConfigError
+from spineseg.labels import TARGET_LEVELS, level_value, vertebra_labels
 
 REPO = Path(__file__).resolve().parents[1]
 N_FILMS = 40  # per domain for the statistical checks
@@ -125,7 +126,8 @@ def test_bad_arguments_raise_config_error(kwargs: dict) -> None:
 
 @pytest.mark.parametrize("domain", list(DOMAINS))
 def test_labels_are_four_ordered_components(films: dict, domain: str) -> None:
-    for _, label, _ in films[domain]:
+    for _, levels, _ in films[domain]:
+        label = vertebra_labels(levels)
         assert set(np.unique(label).tolist()) == {0, 1, 2, 3, 4}
         rows = []
         for k in range(1, 5):
@@ -138,9 +140,12 @@ def test_labels_are_four_ordered_components(films: dict, domain: str) -> None:
 def test_labels_are_the_rendered_polygons(films: dict) -> None:
     for _, label, anat in films["internal"][:10]:
         expected = np.zeros_like(label)
-        for name, k in LABELS.items():
-            expected[_raster(anat.vertebra(name).polygon, label.shape)] = k
+        # every vertebra carries its level value; Th8..Th11 are drawn last
+        order = [n for n in LEVELS if n not in TARGET_LEVELS] + list(TARGET_LEVELS)
+        for name in order:
+            expected[_raster(anat.vertebra(name).polygon, label.shape)] = LABELS[name]
         assert np.array_equal(label, expected)
+        assert LABELS["Th8"] == level_value("Th8") and LABELS["L5"] == level_value("L5")
     # The film shows bone exactly there: brighter inside each body than just outside it.
     for i in range(6):
         image, label, anat = _render("internal", i, ideal=True)
@@ -201,10 +206,11 @@ def test_intensity_does_not_single_out_the_labelled_vertebrae(films: dict, domai
     labelled, neighbours = [], []
     for image, _, anat in films[domain]:
         for v in anat.vertebrae:
-            compared = v.label or v.name in ("Th5", "Th6", "Th7", "Th12")
+            target = v.name in TARGET_LEVELS
+            compared = target or v.name in ("Th5", "Th6", "Th7", "Th12")
             if compared and _in_view(v.polygon, image.shape):
                 mean = float(image[_raster(v.polygon, image.shape)].mean())
-                (labelled if v.label else neighbours).append(mean)
+                (labelled if target else neighbours).append(mean)
     chance = max(len(labelled), len(neighbours)) / (len(labelled) + len(neighbours))
     accuracy = _best_threshold_accuracy(np.array(labelled), np.array(neighbours))
     assert accuracy < chance + 0.1

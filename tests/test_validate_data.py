@@ -17,16 +17,24 @@ from scipy.io import savemat
 from spineseg.cli.validate_data import validate
 from spineseg.data.sample import Sample
 from spineseg.data.validate import build_report, cross_check, format_report
+from spineseg.labels import FIRST_TARGET_VALUE
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 24, 16
 
 
-def label(values=(1, 2, 3, 4)) -> np.ndarray:
+def mask(values=(1, 2, 3, 4)) -> np.ndarray:
+    """A mask file's Th8..Th11 as 1..4 (the folder convention, and what export writes)."""
     out = np.zeros((H, W), np.uint8)
     for value in values:
         out[value * 4 : value * 4 + 3, 4:12] = value
     return out
+
+
+def label(values=(1, 2, 3, 4)) -> np.ndarray:
+    """The same vertebrae as the level values a Sample carries (Th8 = 15)."""
+    out = mask(values)
+    return np.where(out > 0, out + FIRST_TARGET_VALUE - 1, 0).astype(np.uint8)
 
 
 def sample(sid: str, patient: str | None = None, seed: int = 0, **kwargs) -> Sample:
@@ -50,7 +58,9 @@ def test_report_counts_sizes_depths_and_labels():
     assert (report.n_films, report.n_patients, report.n_skipped) == (3, 3, 0)
     assert report.heights == (24, 24, 40) and report.widths == (16, 16, 20)
     assert report.bit_depths == {"uint8": 2, "uint16": 1}
-    assert report.label_values == {0: 3, 1: 3, 2: 2, 3: 2, 4: 2}
+    assert report.label_values == {
+        "background": 3, "region": 1, "Th8": 2, "Th9": 2, "Th10": 2, "Th11": 2
+    }  # fmt: skip
     assert report.label_modes == {"vertebrae": 2, "binary": 1}
     assert report.ok and any("mixed masks" in str(w) for w in report.warnings)
     text = format_report(report)
@@ -58,7 +68,7 @@ def test_report_counts_sizes_depths_and_labels():
         "films: 3   patients: 3   skipped: 0",
         "height 24 / 24 / 40, width 16 / 16 / 20",
         "bit depths: uint16: 1, uint8: 2",
-        "4 Th11 (2)",
+        "Th11 (2)",
         "errors: 0",
     ):
         assert line in text, text
@@ -105,9 +115,10 @@ def test_forced_splits_and_patients_in_several_splits():
 
 
 def test_unordered_vertebrae_are_flagged():
-    swapped = label()
+    swapped = mask()
     swapped[swapped == 1], swapped[swapped == 4] = 9, 1
     swapped[swapped == 9] = 4
+    swapped = np.where(swapped > 0, swapped + FIRST_TARGET_VALUE - 1, 0).astype(np.uint8)
     report = build_report([sample("s", label=swapped)])
     assert any("not ordered top to bottom" in str(w) for w in report.warnings)
 
@@ -128,10 +139,10 @@ def folder_dataset(root: Path, bad: bool = False) -> Path:
     for i, sid in enumerate(("a", "b")):
         image = np.random.default_rng(i).integers(0, 255, (H, W)).astype(np.uint8)
         cv2.imwrite(str(_mk(root / "images" / f"{sid}.png")), image)
-        cv2.imwrite(str(_mk(root / "masks" / f"{sid}.png")), label())
+        cv2.imwrite(str(_mk(root / "masks" / f"{sid}.png")), mask())
     if bad:
         (root / "images/c.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-        cv2.imwrite(str(root / "masks/c.png"), label())
+        cv2.imwrite(str(root / "masks/c.png"), mask())
         cv2.imwrite(str(root / "images/d.png"), np.zeros((H, W), np.uint8))
         cv2.imwrite(str(root / "masks/d.png"), np.zeros((H, W), np.uint8))
     return root
@@ -163,7 +174,7 @@ def test_cli_passes_and_exports_masks(tmp_path):
     assert "OK: no errors" in result.stdout
     exported = cv2.imread(str(out / "a.png"), cv2.IMREAD_UNCHANGED)
     assert exported.dtype == np.uint8
-    np.testing.assert_array_equal(exported, label())
+    np.testing.assert_array_equal(exported, mask())
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "masks_out"]  # no clutter
 

@@ -20,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
-from spineseg import VERTEBRAE
 from spineseg.cli.common import CONF_DIR, one_line_errors
 from spineseg.data.sample import Sample
 from spineseg.data.sources import build_source
 from spineseg.errors import ConfigError
+from spineseg.labels import TARGET_LEVELS, vertebra_labels
 from spineseg.utils.io import atomic_open
 
 matplotlib.use("Agg")
@@ -57,7 +57,8 @@ def overlay(sample: Sample) -> np.ndarray:
     lo, hi = float(img.min()), float(img.max())
     grey = ((img - lo) / max(hi - lo, 1.0) * 255).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
-    lab = np.minimum(sample.label, len(COLOURS)).astype(int)
+    lab = sample.label if sample.binary_label else vertebra_labels(sample.label)
+    lab = np.minimum(lab, len(COLOURS)).astype(int)
     mask = lab > 0
     rgb[mask] = (1 - ALPHA) * rgb[mask] + ALPHA * COLOURS[lab[mask] - 1]
     return rgb.astype(np.uint8)
@@ -79,8 +80,8 @@ def draw(groups: list[tuple[str, list[Sample]]]) -> bytes:
             domain = sample.meta.get("domain", title)
             ax.set_title(f"{domain}: {sample.id}", fontsize=7)
         r0 += nrow
-    handles = [Patch(color=COLOURS[k] / 255, label=name) for k, name in enumerate(VERTEBRAE)]
-    fig.legend(handles=handles, loc="upper center", ncol=len(VERTEBRAE), frameon=False)
+    handles = [Patch(color=COLOURS[k] / 255, label=name) for k, name in enumerate(TARGET_LEVELS)]
+    fig.legend(handles=handles, loc="upper center", ncol=len(TARGET_LEVELS), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -25,6 +25,7 @@ from spineseg.data.sample import Sample
 from spineseg.data.sources import build_source
 from spineseg.data.validate import Report, build_report, cross_check, format_report
 from spineseg.errors import ConfigError, DataError
+from spineseg.labels import vertebra_labels
 from spineseg.utils.io import atomic_open
 
 
@@ -44,7 +45,8 @@ def export_masks(samples: list[Sample], folder: Path) -> int:
     """Write each film's label as <folder>/<image stem>.png, atomically."""
     for sample in samples:
         stem = Path(sample.source_path).stem if sample.source_path else sample.id
-        ok, png = cv2.imencode(".png", sample.label)
+        label = sample.label if sample.binary_label else vertebra_labels(sample.label)
+        ok, png = cv2.imencode(".png", label)
         if not ok:
             raise DataError(folder / f"{stem}.png", "cannot encode the mask as PNG")
         with atomic_open(folder / f"{stem}.png") as fh:

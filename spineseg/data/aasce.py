@@ -4,8 +4,9 @@ Layout (the original `boostnet_labeldata` release):
     root/data/<split>/<name>.jpg
     root/labels/<split>/<name>.jpg.mat            key 'p2': 68 x 2 (x, y) in pixels
     root/labels/<split>/landmarks.csv + filenames.csv   68 x then 68 y, normalised by W, H
-Th8..Th11 are vertebrae k = 7..10 (points 4k..4k+3); each is drawn as a filled polygon at
-full resolution with label k - 6, so the masks are exact and independent of later resizing.
+Vertebra k (points 4k..4k+3) is T1..T12, L1..L5 for k = 0..16; each is drawn as a filled
+polygon at full resolution with its level value (`spineseg.labels`; Th8..Th11 are k = 7..10),
+so the masks are exact and independent of later resizing.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 from spineseg.data.io import check_on_error, handle_error, load_parallel, read_image
-from spineseg.data.sample import NUM_VERTEBRAE, Sample
+from spineseg.data.sample import Sample
 from spineseg.data.sources import register_source
 from spineseg.errors import ConfigError, DataError, choices_message
+from spineseg.labels import NUM_TARGET, level_value
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,12 @@ SUBSETS = ("all", "internal", "external")
 LANDMARK_FORMATS = ("auto", "mat", "csv")
 NUM_POINTS = 68
 FIRST_VERTEBRA = 7  # Th8 is the 8th vertebra from T1 (k = 0)
+#: The level of vertebra k, top to bottom.
+VERTEBRA_NAMES: tuple[str, ...] = (
+    *(f"Th{i}" for i in range(1, 13)),
+    *(f"L{i}" for i in range(1, 6)),
+)
+TARGET_K = range(FIRST_VERTEBRA, FIRST_VERTEBRA + NUM_TARGET)
 #: A landmark this far outside the image (fraction of its size) means the wrong image or a
 #: wrong normalisation; closer misses happen on real films whose lumbar spine is cut off.
 OUTSIDE_TOLERANCE = 0.10
@@ -245,7 +253,7 @@ def load_film(film: Film) -> Sample:
         points = film.points * np.array([width, height], np.float64)
         where = f"{film.label_file} (row of {film.name})"
     outside = check_points(where, points, (height, width))
-    label = draw_vertebrae(where, points, (height, width))
+    label, undrawn = draw_vertebrae(where, points, (height, width))
     patient, recognised = patient_key(film.name)
     meta = {
         "label_file": str(film.label_file),
@@ -259,6 +267,8 @@ def load_film(film: Film) -> Sample:
         meta["warnings"].append(
             f"landmarks {outside} (not Th8..Th11) lie slightly outside the image"
         )
+    if undrawn:
+        meta["warnings"].append(f"vertebrae {undrawn} not drawn (degenerate or hidden landmarks)")
     return Sample(
         id=Path(film.name).stem,
         patient_id=patient,
@@ -296,7 +306,7 @@ def check_points(where, points: np.ndarray, shape: tuple[int, int]) -> list[int]
     limit = np.array([width, height], np.float64)
     # Pixel centres are integers, so the image spans [-0.5, size - 0.5] in each axis.
     outside = ((points < -0.5) | (points > limit - 0.5)).any(axis=1)
-    drawn = np.arange(4 * FIRST_VERTEBRA, 4 * (FIRST_VERTEBRA + NUM_VERTEBRAE))
+    drawn = np.arange(4 * TARGET_K.start, 4 * TARGET_K.stop)
     far = ((points < -OUTSIDE_TOLERANCE * limit) | (points > (1 + OUTSIDE_TOLERANCE) * limit)).any(
         axis=1
     )
@@ -310,11 +320,12 @@ def check_points(where, points: np.ndarray, shape: tuple[int, int]) -> list[int]
     return np.flatnonzero(outside).tolist()
 
 
-def vertebra_polygons(points: np.ndarray) -> list[np.ndarray]:
-    """Th8..Th11 corner quads (4 x 2 each), ordered by angle around their centroid:
-    the files' corner order is not reliable, a fixed order would draw bow-ties."""
+def vertebra_polygons(points: np.ndarray, ks: range = TARGET_K) -> list[np.ndarray]:
+    """Corner quads (4 x 2 each) of vertebrae `ks` (default Th8..Th11), ordered by angle
+    around their centroid: the files' corner order is not reliable, a fixed order would
+    draw bow-ties."""
     quads = []
-    for k in range(FIRST_VERTEBRA, FIRST_VERTEBRA + NUM_VERTEBRAE):
+    for k in ks:
         quad = np.asarray(points[4 * k : 4 * k + 4], np.float64)
         centre = quad.mean(axis=0)
         angles = np.arctan2(quad[:, 1] - centre[1], quad[:, 0] - centre[0])
@@ -322,20 +333,33 @@ def vertebra_polygons(points: np.ndarray) -> list[np.ndarray]:
     return quads
 
 
-def draw_vertebrae(where, points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """HxW uint8 label: Th8..Th11 as filled polygons 1..4 at sub-pixel precision."""
+def draw_vertebrae(where, points: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, list]:
+    """HxW uint8 level values of all 17 vertebrae as filled polygons at sub-pixel precision,
+    plus the names of those that could not be drawn.
+
+    Th8..Th11 are drawn last, so where a neighbour's polygon overlaps theirs the region keeps
+    its exact shape; a degenerate or vanished Th8..Th11 is an error, any other vertebra is
+    left out with a warning (lumbar vertebrae are often cut off at the film's edge)."""
     label = np.zeros(shape, np.uint8)
     shift = 4  # cv2 fixed-point: coordinates in 1/16 pixel
-    for value, quad in enumerate(vertebra_polygons(points), start=1):
+    order = [k for k in range(len(VERTEBRA_NAMES)) if k not in TARGET_K] + list(TARGET_K)
+    quads = dict(zip(order, vertebra_polygons(points, order), strict=True))
+    undrawn: list[str] = []
+    for k in order:
+        name, quad = VERTEBRA_NAMES[k], quads[k]
         if polygon_area(quad) < 1.0:
-            name = f"Th{FIRST_VERTEBRA + value}"
-            raise DataError(where, f"{name} landmarks are degenerate (polygon area < 1 px)")
+            if k in TARGET_K:
+                raise DataError(where, f"{name} landmarks are degenerate (polygon area < 1 px)")
+            undrawn.append(name)
+            continue
         fixed = np.rint(quad * (1 << shift)).astype(np.int32)
-        cv2.fillPoly(label, [fixed], color=value, lineType=cv2.LINE_8, shift=shift)
-    missing = [v for v in range(1, NUM_VERTEBRAE + 1) if not (label == v).any()]
-    if missing:
-        raise DataError(where, f"vertebra labels {missing} vanished (overlapping landmarks?)")
-    return label
+        cv2.fillPoly(label, [fixed], color=level_value(name), lineType=cv2.LINE_8, shift=shift)
+    present = set(np.flatnonzero(np.bincount(label.ravel(), minlength=256)).tolist())
+    missing = [VERTEBRA_NAMES[k] for k in order if level_value(VERTEBRA_NAMES[k]) not in present]
+    lost = [n for n in missing if n not in undrawn]
+    if any(VERTEBRA_NAMES[k] in lost for k in TARGET_K):
+        raise DataError(where, f"vertebrae {lost} vanished (overlapping landmarks?)")
+    return label, undrawn + lost
 
 
 def polygon_area(quad: np.ndarray) -> float:

@@ -29,12 +29,12 @@ from spineseg.data.splits import (
     write_splits_csv,
 )
 from spineseg.errors import ConfigError, DataError, choices_message
+from spineseg.labels import check_target, target_masks, vertebra_labels
 from spineseg.utils.io import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("region", "vertebrae")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: labels hold level values of every labelled vertebra
 _MEMORY_CACHE: dict[str, Prepared] = {}
 
 
@@ -46,7 +46,7 @@ class Prepared:
     patients: list[str]
     forced: list[str | None]
     images: np.ndarray  # uint8 (N,H,W)
-    labels: np.ndarray  # uint8 (N,H,W), 0..4 (or 0..1 where binary)
+    labels: np.ndarray  # uint8 (N,H,W) level values (`spineseg.labels`; 0..1 where binary)
     binary: np.ndarray  # bool (N,): the source only had the region
     spacing: np.ndarray  # float32 (N,2) mm per working pixel, NaN if unknown
     geometry: list[dict] = field(default_factory=list)
@@ -66,14 +66,14 @@ class Prepared:
 
     def masks(self, target: str) -> np.ndarray:
         """The exact masks the model learns and metrics use, for `target`."""
-        if target == "region":
-            return (self.labels > 0).astype(np.uint8)
-        if self.binary.any():
-            bad = self.ids[int(np.argmax(self.binary))]
-            raise DataError(
-                bad, "target=vertebrae needs masks labelled 1..4 (Th8..Th11); this one is binary"
-            )
-        return self.labels
+        return target_masks(self.labels, self.binary, target, self.ids)
+
+    def vertebrae(self) -> np.ndarray:
+        """Th8..Th11 as 1..4 (0 elsewhere, and everywhere on films with a binary mask): what
+        the level-error metric measures against, whatever the target."""
+        out = vertebra_labels(self.labels)
+        out[self.binary] = 0
+        return out
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -263,8 +263,7 @@ class SpineDataModule(L.LightningDataModule):
         run_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if target not in TARGETS:
-            raise ConfigError(choices_message("target", target, list(TARGETS)))
+        check_target(target)
         if resize not in G.RESIZE_MODES:
             raise ConfigError(choices_message("resize mode", resize, list(G.RESIZE_MODES)))
         if on_error not in ("raise", "skip"):
@@ -326,7 +325,7 @@ class SpineDataModule(L.LightningDataModule):
         if self.external_spec:
             self.parts["external"] = self._load(self.external_spec)
         for name, part in self.parts.items():
-            part.masks(self.target)  # fail early: vertebrae target on binary masks
+            part.masks(self.target)  # fail early: per-vertebra target on binary masks
             log.info("%s: %d films", name, len(part.ids))
         self._write_skipped()
 

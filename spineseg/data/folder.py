@@ -24,9 +24,10 @@ from spineseg.data.io import (
     read_image,
     read_mask,
 )
-from spineseg.data.sample import NUM_VERTEBRAE, Sample
+from spineseg.data.sample import Sample
 from spineseg.data.sources import register_source
 from spineseg.errors import ConfigError, DataError, choices_message
+from spineseg.labels import DEFAULT_MASK_LEVELS, level_values
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,22 @@ def folder_source(
     on_error: str = "raise",
     skipped: list | None = None,
     label_mode: str = "auto",
+    levels: list[str] | tuple[str, ...] = DEFAULT_MASK_LEVELS,
     workers: int | None = None,
 ) -> list[Sample]:
-    """Load every film under `root` with its mask; see the module docstring for the layout."""
+    """Load every film under `root` with its mask; see the module docstring for the layout.
+
+    levels: what mask values 1..n stand for, top to bottom (default Th8, Th9, Th10, Th11);
+        a dataset labelling T1..L5 as 1..17 declares `[Th1, ..., Th12, L1, ..., L5]`, and
+        `Th8..Th11` must be among them."""
     check_on_error(on_error)
     if label_mode not in LABEL_MODES:
         raise ConfigError(choices_message("label_mode", label_mode, LABEL_MODES))
+    values = level_values(list(levels))
+    if not set(level_values(list(DEFAULT_MASK_LEVELS))) <= set(values.tolist()):
+        raise ConfigError(
+            f"data.source_kwargs.levels {list(levels)} must include Th8, Th9, Th10 and Th11"
+        )
     if root is None:
         raise ConfigError("the folder source needs data.root=<folder with images/ and masks/>")
     if split is not None:
@@ -81,11 +92,11 @@ def folder_source(
         handle_error(err, on_error, skipped)
         return []
     return load_parallel(
-        entries, lambda e: load_entry(e, label_mode), on_error, skipped, workers=workers
+        entries, lambda e: load_entry(e, label_mode, values), on_error, skipped, workers=workers
     )
 
 
-def load_entry(entry: Entry, label_mode: str = "auto") -> Sample:
+def load_entry(entry: Entry, label_mode: str = "auto", values: np.ndarray | None = None) -> Sample:
     """Decode one film and its mask and check that they belong together."""
     image, spacing = read_image(entry.image)
     if not entry.mask.exists():
@@ -97,7 +108,9 @@ def load_entry(entry: Entry, label_mode: str = "auto") -> Sample:
             f"mask size {mask.shape[1]}x{mask.shape[0]} (WxH) differs from image size "
             f"{image.shape[1]}x{image.shape[0]} of {entry.image.name}",
         )
-    label, mode = mask_to_label(entry.mask, mask, label_mode)
+    if values is None:
+        values = level_values(list(DEFAULT_MASK_LEVELS))
+    label, mode = mask_to_label(entry.mask, mask, label_mode, values)
     sample = Sample(
         id=entry.id,
         patient_id=entry.patient_id,
@@ -113,24 +126,31 @@ def load_entry(entry: Entry, label_mode: str = "auto") -> Sample:
     return sample
 
 
-def mask_to_label(path: Path, mask: np.ndarray, label_mode: str) -> tuple[np.ndarray, str]:
-    """Binary {0,1}/{0,255} -> region 1; 0..4 -> Th8..Th11. `auto` reads {0,1} as binary:
-    a mask that only ever shows Th8 is far less likely than a 0/1 region mask."""
+def mask_to_label(
+    path: Path, mask: np.ndarray, label_mode: str, values: np.ndarray
+) -> tuple[np.ndarray, str]:
+    """Binary {0,1}/{0,255} -> region 1; 0..n -> the declared levels (`values`, by default
+    Th8..Th11 for 1..4) as level values. `auto` reads {0,1} as binary: a mask that only ever
+    shows its first level is far less likely than a 0/1 region mask."""
     present = set(np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist())
     if not present - {0}:
         raise DataError(path, "empty mask: no foreground pixels")
+    n = len(values)
     binary_ok = present <= {0, 1} or present <= {0, 255}
-    vertebrae_ok = present <= set(range(NUM_VERTEBRAE + 1))
+    vertebrae_ok = present <= set(range(n + 1))
     if label_mode == "auto":
         label_mode = "binary" if binary_ok else "vertebrae" if vertebrae_ok else ""
     if label_mode == "binary" and binary_ok:
         return (mask > 0).astype(np.uint8), "binary"
     if label_mode == "vertebrae" and vertebrae_ok:
-        return mask, "vertebrae"
+        lut = np.zeros(256, np.uint8)
+        lut[1 : n + 1] = values
+        return lut[mask], "vertebrae"
+    names = "Th8..Th11" if n == 4 else f"the {n} declared levels"
     expected = {
         "binary": "{0, 1} or {0, 255} (binary region mask)",
-        "vertebrae": "0..4 (0 = background, 1..4 = Th8..Th11)",
-        "": "{0, 1} or {0, 255} (binary) or 0..4 (Th8..Th11)",
+        "vertebrae": f"0..{n} (0 = background, 1..{n} = {names})",
+        "": f"{{0, 1}} or {{0, 255}} (binary) or 0..{n} ({names})",
     }[label_mode]
     return _bad_values(path, sorted(present), expected)
 

@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spineseg.errors import DataError
-
-#: Label values: 0 = background, 1..4 = Th8..Th11.
-NUM_VERTEBRAE = 4
+from spineseg.labels import LEVELS
 
 
 @dataclass
@@ -17,7 +15,8 @@ class Sample:
     """One film and its labels, at the source's original resolution.
 
     image: HxW grayscale, uint8 or uint16 (already inverted for MONOCHROME1 DICOM).
-    label: HxW uint8, 0 = background, 1..4 = Th8..Th11. A source whose masks are binary
+    label: HxW uint8 level values (`spineseg.labels`): 0 = background, v = LEVELS[v - 1],
+           every vertebra the source labels (Th8 is 15). A source whose masks are binary
            (region only) uses 1 for the region and sets `binary_label=True`.
     spacing: (row, col) pixel spacing in mm when known, for distances in mm.
     """
@@ -45,7 +44,7 @@ class Sample:
             )
         if self.label.dtype != np.uint8:
             raise DataError(where, f"mask must be uint8, got {self.label.dtype}")
-        top = 1 if self.binary_label else NUM_VERTEBRAE
+        top = 1 if self.binary_label else len(LEVELS)
         if self.label.size and int(self.label.max()) > top:
             bad = sorted(set(np.unique(self.label).tolist()) - set(range(top + 1)))
             raise DataError(where, f"label values {bad} outside the expected set 0..{top}")

@@ -23,6 +23,7 @@ import numpy as np
 from spineseg.data.sample import Sample
 from spineseg.data.sources import register_source
 from spineseg.errors import ConfigError, choices_message
+from spineseg.labels import TARGET_LEVELS, level_value
 
 #: Every vertebra the generator knows, top to bottom; ribs attach to Th1..Th12 only.
 LEVELS: tuple[str, ...] = (
@@ -32,8 +33,9 @@ LEVELS: tuple[str, ...] = (
     *(f"Th{i}" for i in range(1, 13)),
     *(f"L{i}" for i in range(1, 6)),
 )
-#: Label value of each labelled vertebra (the rest are 0 = background).
-LABELS: dict[str, int] = {"Th8": 1, "Th9": 2, "Th10": 3, "Th11": 4}
+#: Label value of every vertebra (`spineseg.labels` level values); all are labelled, so a
+#: model can learn every level (target=levels) and the region is Th8..Th11 among them.
+LABELS: dict[str, int] = {name: level_value(name) for name in LEVELS}
 RIB_LEVELS: tuple[str, ...] = tuple(f"Th{i}" for i in range(1, 13))
 _SHIFT = 4  # fractional bits for sub-pixel cv2 drawing
 _ONE = float(1 << _SHIFT)
@@ -109,7 +111,7 @@ class Vertebra:
 
     name: str
     polygon: np.ndarray  # (K, 2) float
-    label: int  # 1..4 for Th8..Th11, else 0
+    label: int  # level value (Th8 = 15)
     has_ribs: bool
 
     @property
@@ -135,11 +137,12 @@ class Anatomy:
         raise KeyError(name)
 
     def label_map(self) -> np.ndarray:
-        """Rasterise Th8..Th11 (values 1..4) exactly as the bodies are rendered."""
+        """Rasterise every vertebra (its level value) exactly as the bodies are rendered;
+        Th8..Th11 last, so a neighbour's overlap never changes the region."""
         label = np.zeros((self.height, self.width), np.uint8)
-        for v in self.vertebrae:
-            if v.label:
-                fill_polygon(label, v.polygon, v.label)
+        target = [v for v in self.vertebrae if v.name in TARGET_LEVELS]
+        for v in [*(v for v in self.vertebrae if v.name not in TARGET_LEVELS), *target]:
+            fill_polygon(label, v.polygon, v.label)
         return label
 
 

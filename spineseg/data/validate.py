@@ -15,10 +15,14 @@ from itertools import pairwise
 
 import numpy as np
 
-from spineseg.data.sample import NUM_VERTEBRAE, Sample
+from spineseg.data.sample import Sample
 from spineseg.errors import DataError
+from spineseg.labels import LEVELS, TARGET_LEVELS, TARGET_VALUES
 
-LABEL_NAMES = {0: "background", 1: "Th8", 2: "Th9", 3: "Th10", 4: "Th11"}
+
+def label_name(value: int) -> str:
+    """A level value's vertebra (0 = background)."""
+    return "background" if value == 0 else LEVELS[value - 1] if value <= len(LEVELS) else "?"
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class Report:
     heights: tuple[int, int, int] | None = None  # min, median, max
     widths: tuple[int, int, int] | None = None
     bit_depths: dict[str, int] = field(default_factory=dict)
-    label_values: dict[int, int] = field(default_factory=dict)  # value -> films containing it
+    #: label (background, region, or a vertebra such as Th8) -> films containing it
+    label_values: dict[str, int] = field(default_factory=dict)
     label_modes: dict[str, int] = field(default_factory=dict)  # binary / vertebrae -> films
     splits: dict[str, tuple[int, int]] = field(default_factory=dict)  # split -> films, patients
     issues: list[Issue] = field(default_factory=list)
@@ -80,10 +85,10 @@ def build_report(
         report.heights = _spread(heights)
         report.widths = _spread(widths)
     report.bit_depths = dict(Counter(str(s.image.dtype) for s in samples))
-    values: Counter[int] = Counter()
+    values: Counter[tuple[int, str]] = Counter()
     for sample in samples:
         report.issues += _sample_issues(sample, values)
-    report.label_values = dict(sorted(values.items()))
+    report.label_values = {name: n for (_, name), n in sorted(values.items())}
     modes = Counter("binary" if s.binary_label else "vertebrae" for s in samples)
     report.label_modes = dict(modes)
     if len(modes) > 1:
@@ -142,9 +147,7 @@ def format_report(report: Report, max_examples: int = 5) -> str:
         depths = ", ".join(f"{k}: {v}" for k, v in sorted(report.bit_depths.items()))
         lines.append(f"bit depths: {depths}")
     if report.label_values:
-        found = ", ".join(
-            f"{v} {LABEL_NAMES.get(v, '?')} ({n})" for v, n in report.label_values.items()
-        )
+        found = ", ".join(f"{name} ({n})" for name, n in report.label_values.items())
         lines.append(f"label values (films containing them): {found}")
     if report.label_modes:
         modes = ", ".join(f"{k}: {v}" for k, v in sorted(report.label_modes.items()))
@@ -178,7 +181,7 @@ def _spread(values: list[int]) -> tuple[int, int, int]:
     return int(min(values)), int(np.median(values)), int(max(values))
 
 
-def _sample_issues(sample: Sample, values: Counter[int]) -> list[Issue]:
+def _sample_issues(sample: Sample, values: Counter[tuple[int, str]]) -> list[Issue]:
     """Per-film checks; also tallies which label values the film contains."""
     where = sample.source_path or sample.id
     try:
@@ -186,18 +189,18 @@ def _sample_issues(sample: Sample, values: Counter[int]) -> list[Issue]:
     except DataError as err:
         return [Issue("error", err.path or where, err.problem)]
     present = np.flatnonzero(np.bincount(sample.label.ravel(), minlength=2)).tolist()
-    values.update(present)
+    values.update((v, "region" if sample.binary_label and v else label_name(v)) for v in present)
     issues = [Issue("warning", where, w) for w in sample.meta.get("warnings", [])]
     if not [v for v in present if v]:
         return [*issues, Issue("error", where, "empty mask: no foreground pixels")]
     if sample.binary_label:
         return issues
-    missing = [LABEL_NAMES[v] for v in range(1, NUM_VERTEBRAE + 1) if v not in present]
+    missing = [n for n, v in zip(TARGET_LEVELS, TARGET_VALUES, strict=True) if v not in present]
     if missing:
         issues.append(Issue("warning", where, f"vertebrae missing from the mask: {missing}"))
-    rows = [_mean_row(sample.label, v) for v in range(1, NUM_VERTEBRAE + 1) if v in present]
+    rows = [_mean_row(sample.label, v) for v in present if v]
     if any(a >= b for a, b in pairwise(rows)):
-        issues.append(Issue("warning", where, "Th8..Th11 labels are not ordered top to bottom"))
+        issues.append(Issue("warning", where, "vertebra labels are not ordered top to bottom"))
     return issues
 
 

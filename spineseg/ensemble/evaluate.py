@@ -45,12 +45,14 @@ log = logging.getLogger(__name__)
 BEST = "best_single"
 MODEL_PREFIX = "model:"
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd")
-PER_IMAGE_COLUMNS = ("split", "method", "id", *METRICS)
+PER_IMAGE_COLUMNS = ("split", "method", "id", *METRICS, *metrics.LEVEL_KEYS)
 RESULT_COLUMNS = (
     "split", "method", "k", "n", "threshold",
     "dice_mean", "dice_sd", "dice_ci_low", "dice_ci_high",
     "iou_mean", "iou_sd", "precision_mean", "recall_mean",
     "hd95_mean", "hd95_sd", "hd95_n_nan", "assd_mean", "assd_sd",
+    "level_error_rate", "level_error_ci_low", "level_error_ci_high", "level_n",
+    "level_offset_abs_mean", "four_in_order_rate",
     "rel_improvement_pct", "p_value_vs_best_single", "distance_unit",
 )  # fmt: skip
 
@@ -83,6 +85,7 @@ SUMMARY_COLUMNS = [
     "dice_ci_low",
     "dice_ci_high",
     "hd95_mean",
+    "level_error_rate",
     "rel_improvement_pct",
     "p_value_vs_best_single",
 ]
@@ -176,8 +179,12 @@ def evaluate_arrays(
     spacing: np.ndarray | None = None,
     chunk_size: int = 16,
     distances: bool = True,
+    vertebrae: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Per-image metrics of every rule, every model and `best_single` on one split.
+
+    `vertebrae` (N,H,W) Th8..Th11 as 1..4 gives the level metrics (`metrics.level_metrics`);
+    without it they are NaN.
 
     `probs` are K (N,C,H,W) arrays aligned with `spec.models` (memmaps or in memory); one
     chunk of them is read at a time, the next while the current one is scored. Binary
@@ -202,35 +209,44 @@ def evaluate_arrays(
         truth: np.ndarray,
         sl: slice,
         sp: np.ndarray | None,
+        axis: dict[str, np.ndarray] | None,
     ) -> None:
         n = len(truth)
         if distances:
             sf = metrics.surface_metrics(labels, truth, num_classes, spacing=sp)
         else:
             sf = {"hd95": np.full(n, np.nan), "assd": np.full(n, np.nan)}
+        if axis is not None:
+            sf = {**sf, **metrics.level_metrics(labels, axis)}
+        else:
+            sf = {**sf, **{key: np.full(n, np.nan) for key in metrics.LEVEL_KEYS}}
         for name in [method, BEST] if method == best_name else [method]:
             cols["split"].extend([split] * n)
             cols["method"].extend([name] * n)
             cols["id"].extend(ids[sl].tolist())
-            for key in METRICS:
-                source = sf if key in metrics.SURFACE_KEYS else overlap
+            for key in METRICS + metrics.LEVEL_KEYS:
+                source = overlap if key in metrics.OVERLAP_KEYS else sf
                 cols[key].extend(np.asarray(source[key], dtype=np.float64).tolist())
 
+    want_labels = distances or vertebrae is not None
     for sl, raw in iter_raw_chunks(probs, chunk_size):
         truth = read_rows(masks, sl)
         sp = None if spacing is None else np.asarray(spacing[sl], dtype=np.float64)
-        fast = agreement.score_raw(raw, truth, methods, weights, want_labels=distances)
+        axis = None if vertebrae is None else metrics.spine_axis(read_rows(vertebrae, sl), sp)
+        fast = agreement.score_raw(raw, truth, methods, weights, want_labels=want_labels)
         if fast is not None:
             scored, ts = fast
             for m in methods:
                 got = scored[m.name]
                 labels = None if got.labels is None else got.labels.reshape(truth.shape).numpy()
-                add(m.name, metrics.overlap_from_counts(got.tp, got.ps, ts), labels, truth, sl, sp)
+                overlap = metrics.overlap_from_counts(got.tp, got.ps, ts)
+                add(m.name, overlap, labels, truth, sl, sp, axis)
             continue
         chunk = checked_float32(raw, spec.models, split, ids[sl])
         for m in methods:
             labels = agreement.dense_labels(chunk, m, weights)
-            add(m.name, metrics.overlap_metrics(labels, truth, num_classes), labels, truth, sl, sp)
+            overlap = metrics.overlap_metrics(labels, truth, num_classes)
+            add(m.name, overlap, labels, truth, sl, sp, axis)
     df = pd.DataFrame(cols, columns=list(PER_IMAGE_COLUMNS))
     # Same table whatever the chunk size: methods in report order, images in store order.
     rank = {m: i for i, m in enumerate(method_order(list(dict.fromkeys(df["method"])), spec.rules))}
@@ -284,6 +300,17 @@ def summarize_results(
                 finite = values[np.isfinite(values)]
                 row[f"{key}_mean"] = float(finite.mean()) if finite.size else math.nan
                 row[f"{key}_sd"] = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
+            level = stats.proportion_ci(g["level_error"].to_numpy())
+            row["level_error_rate"] = level["rate"]
+            row["level_error_ci_low"], row["level_error_ci_high"] = (
+                level["ci_low"],
+                level["ci_high"],
+            )
+            row["level_n"] = level["n"]
+            offsets = np.abs(g["level_offset"].to_numpy(dtype=np.float64))
+            offsets = offsets[np.isfinite(offsets)]
+            row["level_offset_abs_mean"] = float(offsets.mean()) if offsets.size else math.nan
+            row["four_in_order_rate"] = stats.proportion_ci(g["four_in_order"].to_numpy())["rate"]
             if method == BEST:
                 row["rel_improvement_pct"], row["p_value_vs_best_single"] = 0.0, math.nan
             else:
@@ -334,6 +361,12 @@ def results_markdown(results: pd.DataFrame, n_images: Mapping[str, int] | None =
                 f"ASSD ({unit})": [
                     fmt(m, s) for m, s in zip(r["assd_mean"], r["assd_sd"], strict=True)
                 ],
+                "level errors [95% CI]": [
+                    level_text(*v)
+                    for v in r[
+                        ["level_error_rate", "level_error_ci_low", "level_error_ci_high"]
+                    ].itertuples(index=False)
+                ],
                 "Δ Dice vs best (%)": [f"{v:+.2f}" for v in r["rel_improvement_pct"]],
                 "p (Wilcoxon)": [
                     "" if not np.isfinite(p) else f"{p:.3g}" for p in r["p_value_vs_best_single"]
@@ -343,6 +376,13 @@ def results_markdown(results: pd.DataFrame, n_images: Mapping[str, int] | None =
         n = (n_images or {}).get(split, int(r["n"].iloc[0]))
         parts.append(f"## {split} (n = {n})\n\n{table.to_markdown(index=False)}\n")
     return "\n".join(parts)
+
+
+def level_text(rate: float, low: float, high: float) -> str:
+    """A level-error rate as `12.5% [6.1, 23.8]`, n/a where the truth has no vertebrae."""
+    if rate is None or not np.isfinite(rate):
+        return "n/a"
+    return f"{100 * rate:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _json_safe(value: Any) -> Any:
@@ -514,6 +554,7 @@ def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
                 spacing=spacing,
                 chunk_size=int(opts["chunk_size"]),
                 distances=bool(opts["distances"]),
+                vertebrae=data.truth.vertebrae,
             )
         )
         evaluated[split] = data

@@ -27,6 +27,7 @@ Conventions (per image, per foreground class)
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -210,3 +211,84 @@ def _pool() -> ThreadPoolExecutor | None:
 
 if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads
     os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+# ---------------------------------------------------------------------- level errors
+LEVEL_KEYS = ("level_offset", "level_error", "four_in_order")
+#: An offset above half a vertebra pitch puts the region on the wrong vertebrae.
+LEVEL_ERROR_PITCHES = 0.5
+
+
+def _centroids(masks: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel counts (n,) and centroids (n, 2) as (row, col) scaled by `scale` (n, 2);
+    NaN for an empty mask."""
+    _, h, w = masks.shape
+    rows = masks.sum(2, dtype=np.int64)  # (n, H)
+    cols = masks.sum(1, dtype=np.int64)  # (n, W)
+    count = rows.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = rows @ np.arange(h, dtype=np.float64) / count
+        c = cols @ np.arange(w, dtype=np.float64) / count
+    return count, np.stack([r, c], 1) * scale
+
+
+def spine_axis(vertebrae: ArrayLike, spacing: object = None) -> dict[str, np.ndarray]:
+    """Per image: the truth region's centroid, the unit vector of the spine's axis (Th8's
+    centroid towards Th11's) and the vertebra pitch (a third of the Th8-to-Th11 distance).
+
+    vertebrae: (n, H, W) labels 1..4 = Th8..Th11. Coordinates are in mm when the spacing is
+    known (so stretched films are measured isotropically), else in pixels. An image without
+    Th8 or Th11 gets NaN: its level cannot be measured."""
+    v = _as_labels(vertebrae, "vertebrae")
+    n = v.shape[0]
+    scale = np.ones((n, 2))
+    if spacing is not None:
+        sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (n, 2))
+        known = (np.isfinite(sp) & (sp > 0)).all(1)
+        scale[known] = sp[known]
+    _, top = _centroids(v == 1, scale)
+    _, bottom = _centroids(v == 4, scale)
+    _, centre = _centroids(v > 0, scale)
+    axis = bottom - top
+    length = np.hypot(axis[:, 0], axis[:, 1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        unit = axis / length[:, None]
+        pitch = np.where(length > 0, length / 3.0, np.nan)
+    return {"centre": centre, "unit": unit, "pitch": pitch, "scale": scale}
+
+
+def level_metrics(pred: ArrayLike, axis: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per image: `level_offset`, the signed distance from the truth region's centroid to the
+    predicted region's (any nonzero label), along the spine's axis, in vertebra pitches
+    (positive = towards Th11, i.e. too low); `level_error` = 1 where |offset| > 0.5 pitch or
+    nothing was predicted, else 0; both NaN where the truth has no Th8 or Th11.
+
+    `four_in_order` (vertebrae mode, 5 classes): 1 where each of Th8..Th11 is exactly one
+    connected body and their centroids follow top to bottom along the axis; NaN for region
+    labels."""
+    p = _as_labels(pred, "pred")
+    count, centre = _centroids(p > 0, axis["scale"])
+    offset = np.einsum("ij,ij->i", centre - axis["centre"], axis["unit"]) / axis["pitch"]
+    known = np.isfinite(axis["pitch"])
+    error = np.where(
+        known, ((count == 0) | (np.abs(np.nan_to_num(offset)) > LEVEL_ERROR_PITCHES)), np.nan
+    ).astype(np.float64)
+    offset = np.where(known & (count > 0), offset, np.nan)
+    order = np.full(len(p), np.nan)
+    if p.size and int(p.max()) > 1:
+        order = np.array([_four_in_order(p[i], axis, i) for i in range(len(p))], np.float64)
+    return {"level_offset": offset, "level_error": error, "four_in_order": order}
+
+
+def _four_in_order(labels: np.ndarray, axis: dict[str, np.ndarray], i: int) -> float:
+    if not np.isfinite(axis["pitch"][i]):
+        return np.nan
+    positions = []
+    for value in range(1, 5):
+        body = labels == value
+        _, parts = ndimage.label(body, structure=np.ones((3, 3)))
+        if parts != 1:
+            return 0.0
+        _, c = _centroids(body[None], axis["scale"][i : i + 1])
+        positions.append(float(c[0] @ axis["unit"][i]))
+    return float(all(a < b for a, b in itertools.pairwise(positions)))

@@ -13,7 +13,13 @@ import math
 import numpy as np
 from scipy import stats as _sps
 
-__all__ = ["bootstrap_ci", "paired_wilcoxon", "relative_improvement_pct", "summarize"]
+__all__ = [
+    "bootstrap_ci",
+    "paired_wilcoxon",
+    "proportion_ci",
+    "relative_improvement_pct",
+    "summarize",
+]
 
 # Cap on resampled values held at once (n_boot x n), so large test sets do not blow memory.
 _MAX_BLOCK = 4_000_000
@@ -98,3 +104,24 @@ def relative_improvement_pct(value: float, reference: float) -> float:
     if reference == 0:
         return math.nan
     return 100.0 * (float(value) - float(reference)) / float(reference)
+
+
+def proportion_ci(values: object, alpha: float = 0.05) -> dict[str, float | int]:
+    """Rate of 0/1 per-image flags (NaNs ignored) with its Wilson score interval.
+
+    Wilson rather than the bootstrap: a rate of 0 of 37 films is not certainly 0, and the
+    percentile bootstrap would say [0, 0]."""
+    x, _ = _finite_1d(values)
+    n = int(x.size)
+    if n == 0:
+        return {"rate": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
+    p = float(x.mean())
+    z = float(_sps.norm.ppf(1 - alpha / 2))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {
+        "rate": p,
+        "ci_low": max(0.0, centre - half),
+        "ci_high": min(1.0, centre + half),
+        "n": n,
+    }

@@ -64,6 +64,9 @@ class Truth:
     ids: np.ndarray
     images: np.ndarray | None = None
     spacing: np.ndarray | None = None
+    #: (N,H,W) uint8 Th8..Th11 as 1..4 whatever the target (None: the source had none),
+    #: for the level-error metric.
+    vertebrae: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -149,9 +152,12 @@ class PredictionStore:
         ids: Sequence[str],
         images: Any | None = None,
         spacing: Any | None = None,
+        vertebrae: Any | None = None,
     ) -> Path:
-        """Store the masks metrics use. Every model's process may call this: an identical
-        truth is a no-op, a different one is an error (the split would be ambiguous)."""
+        """Store the masks metrics use (and, when known, the Th8..Th11 labels 1..4 that the
+        level-error metric needs in every mode). Every model's process may call this: an
+        identical truth is a no-op, a different one is an error (the split would be
+        ambiguous)."""
         path = self.truth_path(split)
         where = f"truth of split {split!r}"
         masks = _as_numpy(masks)
@@ -173,6 +179,15 @@ class PredictionStore:
             if images.dtype != np.uint8:
                 raise StoreError(f"{where}: images must be uint8, got {images.dtype}")
             arrays["images"] = images
+        if vertebrae is not None:
+            vertebrae = _as_numpy(vertebrae)
+            if vertebrae.shape != masks.shape:
+                raise StoreError(
+                    f"{where}: vertebrae {vertebrae.shape} differ from masks {masks.shape}"
+                )
+            if vertebrae.size and (vertebrae.min() < 0 or vertebrae.max() > MAX_LABEL):
+                raise StoreError(f"{where}: vertebra labels must be in 0..{MAX_LABEL}")
+            arrays["vertebrae"] = vertebrae.astype(np.uint8)
         if spacing is not None:
             sp = np.asarray(spacing, dtype=np.float32)
             if sp.shape == (2,):
@@ -181,12 +196,16 @@ class PredictionStore:
                 raise StoreError(f"{where}: spacing must be (N,2) or (2,), got {sp.shape}")
             arrays["spacing"] = sp
         if path.exists():
-            if _same_arrays(self._load_all(path), arrays):
+            stored = self._load_all(path)
+            if _same_arrays(stored, arrays):
                 return path
-            raise StoreError(
-                f"{path}: a different truth for split {split!r} is already stored; "
-                "remove it (or use a new run_dir) to replace it"
-            )
+            # A truth written before the vertebrae were stored gains them; nothing else changes.
+            older = {k: v for k, v in arrays.items() if k != "vertebrae"}
+            if "vertebrae" in stored or not _same_arrays(stored, older):
+                raise StoreError(
+                    f"{path}: a different truth for split {split!r} is already stored; "
+                    "remove it (or use a new run_dir) to replace it"
+                )
         atomic_savez(path, **arrays)
         return path
 
@@ -278,13 +297,16 @@ class PredictionStore:
         members = _member_names(path)
         images = _read_member(path, "images", True) if "images" in members else None
         spacing = _read_member(path, "spacing", False) if "spacing" in members else None
+        vertebrae = _read_member(path, "vertebrae", True) if "vertebrae" in members else None
         if masks.ndim != 3 or masks.shape[0] != len(ids):
             raise StoreError(f"{path}: masks {masks.shape} do not match {len(ids)} ids")
         if images is not None and images.shape != masks.shape:
             raise StoreError(f"{path}: images {images.shape} differ from masks {masks.shape}")
         if spacing is not None and spacing.shape != (len(ids), 2):
             raise StoreError(f"{path}: spacing {spacing.shape} is not ({len(ids)}, 2)")
-        return Truth(split, masks, ids, images, spacing)
+        if vertebrae is not None and vertebrae.shape != masks.shape:
+            raise StoreError(f"{path}: vertebrae {vertebrae.shape} differ from masks {masks.shape}")
+        return Truth(split, masks, ids, images, spacing, vertebrae)
 
     def has_truth(self, split: str) -> bool:
         return self.truth_path(split).is_file()

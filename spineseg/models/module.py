@@ -15,18 +15,33 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
-from spineseg.errors import ConfigError, choices_message
+from spineseg.labels import CHANNELS, STORED_TARGET, TARGET_VALUES, check_target
 from spineseg.models.factory import build_model
 from spineseg.models.losses import SegmentationLoss
 
-TARGETS = {"region": 1, "vertebrae": 5}
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 1e-4}
 DEFAULT_SCHEDULER = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 10}
 
 
 def probabilities(logits: torch.Tensor, target: str) -> torch.Tensor:
-    """Sigmoid for the one-channel region, softmax over the 5 vertebra classes."""
-    return torch.sigmoid(logits) if target == "region" else torch.softmax(logits, dim=1)
+    """What is stored and voted on: sigmoid for the one-channel region, softmax over the 5
+    vertebra classes, and for `levels` the region derived from the softmax over every level
+    (P(Th8) + ... + P(Th11)), so that the store, voting and predict see a region model."""
+    if target == "region":
+        return torch.sigmoid(logits)
+    probs = torch.softmax(logits, dim=1)
+    if target == "levels":
+        index = torch.as_tensor(TARGET_VALUES.astype("int64"), device=probs.device)
+        return probs.index_select(1, index).sum(1, keepdim=True).clamp_(0.0, 1.0)
+    return probs
+
+
+def metric_truth(mask: torch.Tensor, target: str) -> torch.Tensor:
+    """The labels a target's metrics compare with: the derived region for `levels`."""
+    if target != "levels":
+        return mask
+    lo, hi = int(TARGET_VALUES[0]), int(TARGET_VALUES[-1])
+    return ((mask >= lo) & (mask <= hi)).long()
 
 
 def to_index(probs: torch.Tensor, target: str, threshold: float = 0.5) -> torch.Tensor:
@@ -35,13 +50,14 @@ def to_index(probs: torch.Tensor, target: str, threshold: float = 0.5) -> torch.
     torchmetrics 1.9 collapses single-channel float predictions to one class, so region
     predictions are thresholded into {0,1} indices before any metric sees them.
     """
-    if target == "region":
+    if probs.shape[1] == 1:
         return (probs[:, 0] > threshold).long()
     return probs.argmax(dim=1)
 
 
 def make_metrics(target: str) -> MetricCollection:
-    num_classes = 2 if target == "region" else TARGETS[target]
+    """Dice and IoU of what is stored: the region (region, levels) or the 4 vertebrae."""
+    num_classes = max(2, CHANNELS[STORED_TARGET[target]])
     return MetricCollection(
         {
             "dice": DiceScore(
@@ -76,13 +92,12 @@ class SegmentationModule(L.LightningModule):
         channels_last: bool | str = "auto",
     ) -> None:
         super().__init__()
-        if target not in TARGETS:
-            raise ConfigError(choices_message("target", target, list(TARGETS)))
+        check_target(target)
         self.save_hyperparameters()
         self.model_name = name or f"{arch}-{encoder}"
         self.target = target
         self.net = build_model(
-            arch, encoder, weights, in_channels, TARGETS[target], **(arch_kwargs or {})
+            arch, encoder, weights, in_channels, CHANNELS[target], **(arch_kwargs or {})
         )
         self.loss = SegmentationLoss(target, dice_weight, ce_weight)
         metrics = make_metrics(target)
@@ -127,7 +142,7 @@ class SegmentationModule(L.LightningModule):
         pred = to_index(
             probabilities(logits.float(), self.target), self.target, self.hparams.threshold
         )
-        self.val_metrics.update(pred, batch["mask"])
+        self.val_metrics.update(pred, metric_truth(batch["mask"], self.target))
         self.log(
             "val/loss", loss, on_epoch=True, prog_bar=False, batch_size=batch["image"].shape[0]
         )
@@ -139,8 +154,9 @@ class SegmentationModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         probs = probabilities(self(batch["image"]).float(), self.target)
         metrics = self.test_metrics[min(dataloader_idx, 1)]
-        metrics.update(to_index(probs, self.target, self.hparams.threshold), batch["mask"])
-        return {"probs": probs, "target": batch["mask"], "ids": list(batch["id"])}
+        truth = metric_truth(batch["mask"], self.target)
+        metrics.update(to_index(probs, self.target, self.hparams.threshold), truth)
+        return {"probs": probs, "target": truth, "ids": list(batch["id"])}
 
     def on_test_epoch_end(self) -> None:
         for metrics in self.test_metrics:

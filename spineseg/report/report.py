@@ -21,13 +21,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from spineseg.ensemble.evaluate import MODEL_PREFIX, level_text
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import SpinesegError, StoreError
 from spineseg.report import figures as figs
 from spineseg.utils.io import atomic_open, atomic_write_text
 
-BEST = "best_single"
-MODEL_PREFIX = "model:"
 SELECTED_COLOR = "#d62728"
 OTHER_COLOR = "#c6dbef"
 CSS = """
@@ -286,6 +285,12 @@ def rules_table(results: pd.DataFrame, unit: str | None = None) -> pd.DataFrame:
             "recall": [_f(v) for v in r["recall_mean"]],
             f"HD95 ({unit})": [ms(m, s) for m, s in zip(r["hd95_mean"], r["hd95_sd"], strict=True)],
             f"ASSD ({unit})": [ms(m, s) for m, s in zip(r["assd_mean"], r["assd_sd"], strict=True)],
+            "level errors [95% CI]": [
+                level_text(*v)
+                for v in r.reindex(
+                    columns=["level_error_rate", "level_error_ci_low", "level_error_ci_high"]
+                ).itertuples(index=False)
+            ],
             "Δ Dice vs best single (%)": [
                 "n/a" if not math.isfinite(_num(v)) else f"{_num(v):+.2f}"
                 for v in r["rel_improvement_pct"]
