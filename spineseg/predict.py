@@ -126,7 +126,11 @@ class Ensemble:
         weights: Sequence[float] | None = None,
         threshold: float = 0.5,
         device: torch.device | str = "cpu",
+        postprocess: str = "none",
     ) -> None:
+        from spineseg.ensemble.postprocess import check_names
+
+        check_names([postprocess])
         if rule not in voting.RULES:
             raise ConfigError(choices_message("voting rule", rule, list(voting.RULES)))
         if not models:
@@ -138,6 +142,7 @@ class Ensemble:
         self.weights = None if weights is None else torch.tensor(list(weights), dtype=torch.float32)
         self.threshold = float(threshold)
         self.device = torch.device(device)
+        self.postprocess = postprocess
 
     @property
     def target(self) -> str:
@@ -193,7 +198,9 @@ class Ensemble:
 
     def _to_original(self, scores: np.ndarray, spread: np.ndarray, g: G.Geometry) -> Prediction:
         """Scores are mapped back (bilinear) before deciding, so the labels are exactly the
-        decision rule applied to the returned probability map."""
+        decision rule applied to the returned probability map (then post-processed)."""
+        from spineseg.ensemble.postprocess import apply
+
         full = G.to_original(np.ascontiguousarray(scores, dtype=np.float32), g)
         full = full.reshape(-1, g.orig_h, g.orig_w)
         if full.shape[0] == 1:
@@ -202,6 +209,7 @@ class Ensemble:
         else:
             probability = full[1:].max(axis=0)
             labels = voting.to_labels(torch.from_numpy(full[None])).numpy()[0]
+        labels = apply(self.postprocess, labels)
         uncertainty = G.to_original(np.ascontiguousarray(spread, dtype=np.float32), g)
         return Prediction(
             np.clip(probability, 0.0, 1.0).astype(np.float32),
@@ -210,8 +218,13 @@ class Ensemble:
         )
 
 
-def load_ensemble(run_dir: str | Path, rule: str = "soft", device: str = "cpu") -> Ensemble:
-    """The ensemble `spineseg-ensemble` selected in `run_dir`, ready to predict."""
+def load_ensemble(
+    run_dir: str | Path, rule: str = "soft", device: str = "cpu", postprocess: str | None = None
+) -> Ensemble:
+    """The ensemble `spineseg-ensemble` selected in `run_dir`, ready to predict.
+
+    postprocess: None uses what validation chose for `rule` (`selection.json`), else a name
+    from `spineseg.ensemble.postprocess.POSTPROCESS`."""
     run_dir = Path(run_dir)
     if rule not in voting.RULES:
         raise ConfigError(choices_message("voting rule", rule, list(voting.RULES)))
@@ -228,6 +241,8 @@ def load_ensemble(run_dir: str | Path, rule: str = "soft", device: str = "cpu") 
         raise StoreError(f"{sel_path}: no selected models")
     raw_w = selection.get("weights") or {}
     thresholds = selection.get("thresholds") or {}
+    if postprocess is None:
+        postprocess = str((selection.get("postprocess") or {}).get(rule, "none"))
     try:
         weights = [float(raw_w[m]) for m in names] if isinstance(raw_w, dict) else None
     except (KeyError, TypeError, ValueError):
@@ -258,4 +273,5 @@ def load_ensemble(run_dir: str | Path, rule: str = "soft", device: str = "cpu") 
         weights=weights,
         threshold=float(thresholds.get(rule, 0.5)),
         device=dev,
+        postprocess=postprocess,
     )

@@ -32,8 +32,10 @@ RULES = ["soft", "hard", "weighted", "max", "median", "staple", "logit_mean"]
 FAST = {"n_boot": 50, "gallery_n": 2, "top_k": 2}
 
 
-def _methods(models: list[str]) -> list[str]:
-    return [BEST, *RULES, *[f"model:{m}" for m in models]]
+def _methods(models: list[str], post: tuple[str, ...] = ("spine",)) -> list[str]:
+    """Report order: best single, rules, their post-processed variants, then the models."""
+    head = [BEST, *RULES]
+    return [*head, *[f"{m}+{p}" for p in post for m in head], *[f"model:{m}" for m in models]]
 
 
 def test_end_to_end_region(tmp_path):
@@ -49,6 +51,7 @@ def test_end_to_end_region(tmp_path):
         part = csv[csv["split"] == split]
         assert part["method"].tolist() == _methods(selected)  # rules before models
         assert (part.loc[part["method"].isin(RULES), "k"] == 3).all()
+        assert (part.loc[part["method"] == "soft+spine", "k"] == 3).all()
         best = part[part["method"] == BEST].iloc[0]
         assert best["rel_improvement_pct"] == 0 and np.isnan(best["p_value_vs_best_single"])
         assert part["dice_ci_low"].le(part["dice_mean"] + 1e-12).all()

@@ -4,6 +4,7 @@ saved as Lightning checkpoints, manifests and a selection.json as the real tools
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -17,10 +18,10 @@ import torch
 
 from spineseg.cli.predict import main as cli_main
 from spineseg.data import geometry as G
-from spineseg.ensemble import voting
+from spineseg.ensemble import postprocess, voting
 from spineseg.ensemble.selection import Selection, save_selection
 from spineseg.ensemble.store import PredictionStore
-from spineseg.errors import StoreError
+from spineseg.errors import ConfigError, StoreError
 from spineseg.models.module import SegmentationModule
 from spineseg.predict import load_ensemble
 
@@ -216,3 +217,20 @@ def test_cli_errors_are_one_line(tmp_path, case):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def test_predict_uses_the_post_processing_chosen_on_validation(tmp_path):
+    run = make_run(tmp_path / "pp", threshold=0.45)
+    path = run / "ensemble" / "selection.json"
+    selection = json.loads(path.read_text())
+    selection["postprocess"] = {"soft": "spine", "hard": "none"}
+    path.write_text(json.dumps(selection))
+    image = film(150, 90)
+    chosen = load_ensemble(run, rule="soft")
+    assert chosen.postprocess == "spine" and load_ensemble(run, rule="hard").postprocess == "none"
+    raw = load_ensemble(run, rule="soft", postprocess="none").predict(image)
+    pred = chosen.predict(image)
+    np.testing.assert_array_equal(pred.probability, raw.probability)  # labels only
+    np.testing.assert_array_equal(pred.labels, postprocess.apply("spine", raw.labels))
+    with pytest.raises(ConfigError, match="unknown post-processing"):
+        load_ensemble(run, rule="soft", postprocess="blur")

@@ -1,5 +1,7 @@
 """`spineseg-predict run_dir=<dir> input=<file|folder> output=<dir> [rule=soft] [device=auto]
-[overlay=true]`: apply a run's selected ensemble to new films.
+[overlay=true] [postprocess=val|none|spine]`: apply a run's selected ensemble to new films.
+
+postprocess=val (the default) uses the post-processing validation chose for the rule.
 
 Per film it writes `<stem>_mask.png` (region 0/255; vertebrae labels 0..4) and, with
 overlay=true, `<stem>_overlay.png`; then `predictions.csv` and `skipped.csv` (films that could
@@ -25,7 +27,7 @@ from spineseg.utils.io import atomic_open, atomic_write_text
 
 USAGE = (
     "usage: spineseg-predict run_dir=<dir> input=<file or folder> output=<dir> "
-    "[rule=soft] [device=auto] [overlay=true]"
+    "[rule=soft] [device=auto] [overlay=true] [postprocess=val|none|spine]"
 )
 DEFAULTS: dict[str, str | None] = {
     "run_dir": None,
@@ -34,6 +36,7 @@ DEFAULTS: dict[str, str | None] = {
     "rule": "soft",
     "device": "auto",
     "overlay": "true",
+    "postprocess": "val",
 }
 COLUMNS = [
     "file",
@@ -43,6 +46,7 @@ COLUMNS = [
     "region_area_mm2",
     "mean_uncertainty",
     "rule",
+    "postprocess",
 ]
 #: BGR contour colours: region, then Th8..Th11.
 COLOURS = [(0, 255, 0), (0, 0, 255), (0, 255, 255), (255, 128, 0), (255, 0, 255)]
@@ -133,7 +137,10 @@ def run(opts: dict[str, str]) -> tuple[int, int]:
 
     source, out = Path(opts["input"]), Path(opts["output"])
     files, skipped = list_inputs(source)
-    ensemble = load_ensemble(opts["run_dir"], rule=opts["rule"], device=opts["device"])
+    post = None if opts["postprocess"] == "val" else opts["postprocess"]
+    ensemble = load_ensemble(
+        opts["run_dir"], rule=opts["rule"], device=opts["device"], postprocess=post
+    )
     draw = _BOOL[opts["overlay"].lower()]
     rows = []
     for path, stem in zip(files, output_stems(files), strict=True):
@@ -165,7 +172,7 @@ def run(opts: dict[str, str]) -> tuple[int, int]:
         area = "" if spacing is None else f"{pixels * spacing[0] * spacing[1]:.4f}"
         h, w = pred.shape
         unc = f"{float(pred.uncertainty.mean()):.6f}"
-        rows.append([path.name, h, w, pixels, area, unc, ensemble.rule])
+        rows.append([path.name, h, w, pixels, area, unc, ensemble.rule, ensemble.postprocess])
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "predictions.csv", COLUMNS, rows)
     write_csv(out / "skipped.csv", ["file", "reason"], skipped)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spineseg.ensemble import agreement, metrics, stats, voting
+from spineseg.ensemble import agreement, metrics, postprocess, stats, voting
 from spineseg.ensemble.selection import (
     Selection,
     ValidationView,
@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "n_boot": 2000,
     "seed": 0,
     "splits": ["test", "external"],
+    "postprocess": ["spine"],
     "figures": True,
     "gallery_n": 4,
     "wandb": {"enabled": False, "project": "spineseg", "group": None, "log_images": False},
@@ -121,6 +122,7 @@ def ensemble_config(cfg: Any = None) -> dict[str, Any]:
     for rule in out["rules"]:
         if rule not in voting.RULES:
             raise ConfigError(choices_message("voting rule", rule, list(voting.RULES)))
+    out["postprocess"] = postprocess.check_names([p for p in out["postprocess"] if p != "none"])
     out["splits"] = list(out["splits"])
     for split in out["splits"]:
         if split not in SPLITS:
@@ -180,11 +182,13 @@ def evaluate_arrays(
     chunk_size: int = 16,
     distances: bool = True,
     vertebrae: np.ndarray | None = None,
+    post: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Per-image metrics of every rule, every model and `best_single` on one split.
 
     `vertebrae` (N,H,W) Th8..Th11 as 1..4 gives the level metrics (`metrics.level_metrics`);
-    without it they are NaN.
+    without it they are NaN. Each post-processing in `post` adds every rule and the best
+    single model once more, as `<method>+<name>`, scored on the post-processed labels.
 
     `probs` are K (N,C,H,W) arrays aligned with `spec.models` (memmaps or in memory); one
     chunk of them is read at a time, the next while the current one is scored. Binary
@@ -212,6 +216,7 @@ def evaluate_arrays(
         axis: dict[str, np.ndarray] | None,
     ) -> None:
         n = len(truth)
+        base, _, suffix = method.partition("+")
         if distances:
             sf = metrics.surface_metrics(labels, truth, num_classes, spacing=sp)
         else:
@@ -220,7 +225,10 @@ def evaluate_arrays(
             sf = {**sf, **metrics.level_metrics(labels, axis)}
         else:
             sf = {**sf, **{key: np.full(n, np.nan) for key in metrics.LEVEL_KEYS}}
-        for name in [method, BEST] if method == best_name else [method]:
+        names = [method]
+        if base == best_name:  # the best model is listed again as best_single
+            names = [f"{BEST}+{suffix}"] if suffix else [method, BEST]
+        for name in names:
             cols["split"].extend([split] * n)
             cols["method"].extend([name] * n)
             cols["id"].extend(ids[sl].tolist())
@@ -228,7 +236,18 @@ def evaluate_arrays(
                 source = overlap if key in metrics.OVERLAP_KEYS else sf
                 cols[key].extend(np.asarray(source[key], dtype=np.float64).tolist())
 
-    want_labels = distances or vertebrae is not None
+    post = list(post)
+    want_labels = distances or vertebrae is not None or bool(post)
+    post_of = {m.name for m in methods if m.rule is not None or m.name == best_name}
+
+    def add_post(method: str, labels: Any, truth: np.ndarray, sl: slice, sp, axis) -> None:
+        if method not in post_of:
+            return
+        for name in post:
+            done = postprocess.apply(name, np.asarray(labels))
+            overlap = metrics.overlap_metrics(done, truth, num_classes)
+            add(f"{method}+{name}", overlap, done, truth, sl, sp, axis)
+
     for sl, raw in iter_raw_chunks(probs, chunk_size):
         truth = read_rows(masks, sl)
         sp = None if spacing is None else np.asarray(spacing[sl], dtype=np.float64)
@@ -241,12 +260,14 @@ def evaluate_arrays(
                 labels = None if got.labels is None else got.labels.reshape(truth.shape).numpy()
                 overlap = metrics.overlap_from_counts(got.tp, got.ps, ts)
                 add(m.name, overlap, labels, truth, sl, sp, axis)
+                add_post(m.name, labels, truth, sl, sp, axis)
             continue
         chunk = checked_float32(raw, spec.models, split, ids[sl])
         for m in methods:
             labels = agreement.dense_labels(chunk, m, weights)
             overlap = metrics.overlap_metrics(labels, truth, num_classes)
             add(m.name, overlap, labels, truth, sl, sp, axis)
+            add_post(m.name, labels, truth, sl, sp, axis)
     df = pd.DataFrame(cols, columns=list(PER_IMAGE_COLUMNS))
     # Same table whatever the chunk size: methods in report order, images in store order.
     rank = {m: i for i, m in enumerate(method_order(list(dict.fromkeys(df["method"])), spec.rules))}
@@ -258,10 +279,16 @@ def evaluate_arrays(
 def method_order(
     methods: Sequence[str], rules: Sequence[str] = tuple(DEFAULTS["rules"])
 ) -> list[str]:
-    """best_single, then the rules (in config order), then the individual models."""
+    """best_single, then the rules (in config order), then their post-processed variants
+    (`<method>+<name>`, same order), then the individual models."""
     head = [BEST, *[r for r in rules if r in methods]]
-    rest = [m for m in methods if m not in head]
-    return [m for m in head if m in methods] + list(dict.fromkeys(rest))
+    rank = {m: i for i, m in enumerate(head)}
+    post = sorted(
+        (m for m in methods if m.partition("+")[0] in rank and m not in rank),
+        key=lambda m: (m.partition("+")[2], rank[m.partition("+")[0]]),
+    )
+    rest = [m for m in methods if m not in head and m not in post]
+    return [m for m in head if m in methods] + list(dict.fromkeys(post + rest))
 
 
 def summarize_results(
@@ -280,14 +307,15 @@ def summarize_results(
         best_mean = float(best.mean()) if len(best) else math.nan
         for method in method_order(list(dict.fromkeys(part["method"])), spec.rules):
             g = part[part["method"] == method]
+            base = method.partition("+")[0]
             dice = stats.summarize(g["dice"].to_numpy(), n_boot=n_boot, seed=seed)
             hd = g["hd95"].to_numpy()
             row: dict[str, Any] = {
                 "split": split,
                 "method": method,
-                "k": len(spec.models) if method in spec.rules else 1,
+                "k": len(spec.models) if base in spec.rules else 1,
                 "n": len(g),
-                "threshold": spec.thresholds.get(method, spec.threshold),
+                "threshold": spec.thresholds.get(base, spec.threshold),
                 "dice_mean": dice["mean"],
                 "dice_sd": dice["sd"],
                 "dice_ci_low": dice["ci_low"],
@@ -450,6 +478,35 @@ def candidate_models(store: PredictionStore) -> list[str]:
     return keep
 
 
+def choose_postprocess(
+    view: ValidationView, spec: EnsembleSpec, post: Sequence[str], chunk_size: int = 16
+) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Per rule, the post-processing (or `none`) with the best mean validation Dice; a tie
+    keeps `none`. Returns the choice and every candidate's score."""
+    if not post:
+        return {}, {}
+    data = view.open(spec.models)
+    per_image = evaluate_arrays(
+        view.split,
+        [data.probs[m] for m in spec.models],
+        data.truth.masks,
+        data.truth.ids,
+        spec,
+        chunk_size=chunk_size,
+        distances=False,
+        post=post,
+    )
+    means = per_image.groupby("method")["dice"].mean()
+    choice, scores = {}, {}
+    for rule in spec.rules:
+        scores[rule] = {
+            "none": float(means[rule]),
+            **{p: float(means[f"{rule}+{p}"]) for p in post},
+        }
+        choice[rule] = max(scores[rule], key=lambda p: (scores[rule][p], p == "none"))
+    return choice, scores
+
+
 def gallery_cases(
     split: str,
     probs: Sequence[np.ndarray],
@@ -517,8 +574,11 @@ def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
         tune_threshold=bool(opts["tune_threshold"]),
         chunk_size=int(opts["chunk_size"]),
     )
-    save_selection(selection, out_dir / "selection.json")
     spec = EnsembleSpec.from_selection(selection, opts["rules"], float(opts["threshold"]))
+    selection.postprocess, selection.postprocess_scores = choose_postprocess(
+        ValidationView(store), spec, opts["postprocess"], int(opts["chunk_size"])
+    )
+    save_selection(selection, out_dir / "selection.json")
 
     frames, units, n_images, evaluated = [], {}, {}, {}
     for split in opts["splits"]:
@@ -555,6 +615,7 @@ def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
                 chunk_size=int(opts["chunk_size"]),
                 distances=bool(opts["distances"]),
                 vertebrae=data.truth.vertebrae,
+                post=opts["postprocess"],
             )
         )
         evaluated[split] = data

@@ -85,6 +85,9 @@ class Selection:
     multiplicities: dict[str, int] | None = None
     greedy_trace: list[float] = field(default_factory=list)
     threshold_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: rule -> post-processing chosen on validation, and every candidate's val Dice
+    postprocess: dict[str, str] = field(default_factory=dict)
+    postprocess_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

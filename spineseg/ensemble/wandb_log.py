@@ -67,8 +67,10 @@ def log_results(
             for name, path in (galleries or {}).items():
                 run.log({f"ensemble/{name}": wandb.Image(str(path))})
         for row in results.itertuples(index=False):
-            if np.isfinite(row.dice_mean):
-                run.summary[f"{row.split}/{row.method}/dice_mean"] = float(row.dice_mean)
+            for key in ("dice_mean", "level_error_rate"):
+                value = getattr(row, key, float("nan"))
+                if np.isfinite(value):
+                    run.summary[f"{row.split}/{row.method}/{key}"] = float(value)
         local = Path(run.dir).parent
     finally:
         run.finish()
