@@ -122,6 +122,30 @@ def write_truth(store: PredictionStore, dm: SpineDataModule) -> None:
         )
 
 
+def build_eval_trainer(cfg: DictConfig, fitted: L.Trainer) -> L.Trainer:
+    """One device of the fit's kind, its precision and loggers, no callbacks: validation,
+    test and prediction see every film exactly once."""
+    return L.Trainer(
+        accelerator=fitted.accelerator,
+        devices=1,
+        num_nodes=1,
+        precision=cfg.trainer.get("precision", "32-true"),
+        logger=fitted.loggers or False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)),
+        enable_model_summary=False,
+        default_root_dir=cfg.job_dir,
+    )
+
+
+def _leave_process_group() -> None:
+    """After a data-parallel fit: leave the group, so that rank 0's single-process
+    evaluation never waits for ranks that have finished (torchmetrics syncs otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _checkpoint_callback(trainer: L.Trainer) -> Any:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -151,12 +175,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "%s: predictions complete, skipping (delete %s to retrain)", name, store.root / name
         )
         return manifest
-    write_truth(store, dm)
 
     L.seed_everything(cfg.seed, workers=True)
     last = job_dir / "checkpoints" / "last.ckpt"
     resume = _usable_checkpoint(last) and not cfg.get("overwrite")
     started = time.time()
+    trainer = build_trainer(cfg)
     base = {
         "model": name,
         "preset": {k: cfg.model.get(k) for k in ("arch", "encoder", "weights")},
@@ -167,15 +191,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "started_at": _now(),
         "error": None,
         "resumed_from": str(last) if resume else None,
+        "fit_processes": trainer.world_size,
     }
-    store.write_manifest(name, {**base, "status": "running"})
+    if trainer.is_global_zero:  # one writer of the store, whatever the number of processes
+        write_truth(store, dm)
+        store.write_manifest(name, {**base, "status": "running"})
 
     module = build_module(cfg, pretrained=not resume)
-    trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
-
+    if trainer.world_size > 1:
+        # Evaluation and prediction run in one process on one device: a distributed sampler
+        # would pad the shards with duplicates, and every rank would write the store.
+        zero = trainer.is_global_zero
+        _leave_process_group()
+        if not zero:
+            return {"model": name, "status": "worker", "rank": trainer.global_rank}
     ckpt_cb = _checkpoint_callback(trainer)
     best = ckpt_cb.best_model_path if ckpt_cb and ckpt_cb.best_model_path else None
+    epochs = trainer.current_epoch
+    if trainer.world_size > 1:
+        trainer = build_eval_trainer(cfg, trainer)
     if best:
         module = SegmentationModule.from_checkpoint(best)
     module.eval()
@@ -197,7 +232,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": best or (str(last) if last.exists() else None),
         "val_metrics": metrics,
         "test_metrics": test_metrics,
-        "epochs": trainer.current_epoch,
+        "epochs": epochs,
         "finished_at": _now(),
         "elapsed_s": round(time.time() - started, 2),
     }
@@ -209,9 +244,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def record_failure(cfg: DictConfig, err: BaseException) -> None:
     """Mark the model failed in its manifest (with the error) so the sweep can report it."""
     try:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if rank_zero_only.rank != 0:  # the rank-zero process records for the job
+            return
         store = PredictionStore(Path(cfg.run_dir))
         name = cfg.model.name
         old = store.read_manifest(name) or {}
+        if old.get("status") == "complete":  # a finished model is never marked failed
+            log.error("%s: not recorded, the stored model is complete (%s)", name, err)
+            return
         store.write_manifest(
             name,
             {

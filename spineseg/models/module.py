@@ -134,6 +134,7 @@ class SegmentationModule(L.LightningModule):
             on_epoch=True,
             prog_bar=True,
             batch_size=batch["image"].shape[0],
+            sync_dist=True,  # the mean over every process under DDP; a no-op on one
         )
         return loss
 
@@ -144,11 +145,17 @@ class SegmentationModule(L.LightningModule):
         )
         self.val_metrics.update(pred, metric_truth(batch["mask"], self.target))
         self.log(
-            "val/loss", loss, on_epoch=True, prog_bar=False, batch_size=batch["image"].shape[0]
+            "val/loss",
+            loss,
+            on_epoch=True,
+            prog_bar=False,
+            batch_size=batch["image"].shape[0],
+            sync_dist=True,
         )
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        # torchmetrics has already reduced the states over every process
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=False)
         self.val_metrics.reset()
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:

@@ -14,6 +14,20 @@ def amp_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
+def on_gpu(accelerator: str) -> bool:
+    """Whether `accelerator` runs on CUDA: GPU-only settings (SyncBatchNorm) follow it, so
+    `trainer=ddp trainer.accelerator=cpu` (gloo) runs as it is."""
+    import torch
+
+    if accelerator in ("gpu", "cuda"):
+        return True
+    return accelerator == "auto" and torch.cuda.is_available()
+
+
+RESOLVERS = {"amp_precision": amp_precision, "on_gpu": on_gpu}
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("amp_precision"):
-        OmegaConf.register_new_resolver("amp_precision", amp_precision)
+    for name, fn in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
