@@ -32,6 +32,7 @@ $(CURDIR)/.tools/bin/uv:
 .venv/.synced: uv.lock pyproject.toml | $(UV)
 	$(UV) sync --locked --all-extras
 	@touch $@
+	@echo "installed into .venv/: 'source .venv/bin/activate' puts the spineseg-* commands on your PATH"
 
 setup: .venv/.synced  ## install everything (uv sync --locked, with dev extras)
 
