@@ -173,11 +173,9 @@ class Ensemble:
 
     def model_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) inputs -> every model's probabilities (K, N, C, H, W) on the CPU."""
-        from spineseg.models.module import probabilities
-
         x = x.to(self.device)
         with torch.inference_mode():
-            out = [probabilities(m(x).float(), self.target) for m in self.models]
+            out = [m.probabilities(m(x)) for m in self.models]
             return torch.stack(out).cpu()
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:

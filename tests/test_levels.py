@@ -17,9 +17,8 @@ from spineseg.data.datamodule import Prepared
 from spineseg.data.synthetic import DOMAINS, film_rng, render_film
 from spineseg.ensemble import metrics, stats
 from spineseg.ensemble.store import PredictionStore
-from spineseg.errors import DataError
+from spineseg.errors import ConfigError, DataError
 from spineseg.labels import (
-    CHANNELS,
     LEVELS,
     TARGET_VALUES,
     level_value,
@@ -27,7 +26,8 @@ from spineseg.labels import (
     target_masks,
     vertebra_labels,
 )
-from spineseg.models.module import metric_truth, probabilities
+from spineseg.models import levels as LV
+from spineseg.models.module import SegmentationModule, metric_truth, probabilities
 
 REPO = Path(__file__).resolve().parents[1]
 #: experiment=tiny's sizes without its synthetic source options
@@ -133,13 +133,22 @@ def test_targets_derive_from_level_values() -> None:
         target_masks(region[None], np.ones(1, bool), "levels", ["film-a"])
 
 
-def test_levels_probabilities_are_the_summed_region_classes() -> None:
-    logits = torch.randn(2, CHANNELS["levels"], 8, 8)
-    region = probabilities(logits, "levels")
-    soft = torch.softmax(logits, 1)
+def test_levels_probabilities_gate_the_region_levels_on_the_vertebra_channel() -> None:
+    logits = torch.randn(2, LV.channels("classes"), 8, 8)
+    region = probabilities(logits, "levels", "classes")
+    soft = torch.softmax(logits[:, 1:], 1)
     assert region.shape == (2, 1, 8, 8)
-    expected = soft[:, torch.as_tensor(TARGET_VALUES.astype(np.int64))].sum(1, keepdim=True)
+    index = torch.as_tensor((TARGET_VALUES - 1).astype(np.int64))
+    expected = torch.sigmoid(logits[:, :1]) * soft[:, index].sum(1, keepdim=True)
     torch.testing.assert_close(region, expected)
+    # ordinal: the level as a number; inside Th8..Th11 the region is P(vertebra)
+    out = torch.zeros(1, 2, 1, 4)
+    out[0, 0] = 20.0  # surely a vertebra
+    level = torch.tensor([level_value(n) for n in ("Th6", "Th8", "Th11", "L1")], dtype=torch.float)
+    out[0, 1, 0] = (level - (len(LEVELS) + 1) / 2) / (len(LEVELS) / 2)
+    got = probabilities(out, "levels", "ordinal")[0, 0, 0]
+    assert got[0] < 1e-3 and got[1] > 0.99 and got[2] > 0.99 and got[3] < 1e-3
+    assert LV.channels("ordinal") == 2 and LV.level_of(out[:, 1:2]).allclose(level.view(1, 1, 1, 4))
     mask = torch.tensor([[0, level_value("Th7"), level_value("Th8"), level_value("Th11")]])
     assert metric_truth(mask, "levels").tolist() == [[0, 0, 1, 1]]
     assert LEVELS[level_value("T8") - 1] == "Th8"  # AASCE's spelling is accepted
@@ -228,3 +237,27 @@ def test_levels_mode_on_a_four_level_dataset_is_one_line(tmp_path: Path) -> None
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     assert "labels only Th8, Th9, Th10, Th11: use target=vertebrae" in res.stderr
+
+
+@pytest.mark.parametrize("encoding", LV.ENCODINGS)
+def test_levels_loss_learns_vertebra_and_level_on_one_film(encoding: str) -> None:
+    """A few optimiser steps on one phantom: the loss falls, and the vertebra channel and
+    the level term both get gradients (the level term only from vertebra pixels)."""
+    torch.manual_seed(0)
+    levels = torch.from_numpy(_film(0, 64).astype(np.int64))[None]
+    module = SegmentationModule(weights=None, target="levels", levels_encoding=encoding)
+    assert module.net.segmentation_head[0].out_channels == LV.channels(encoding)
+    x = torch.randn(1, 1, 64, 64)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = module.loss(module(x), levels)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    background = torch.zeros_like(levels)
+    assert torch.isfinite(module.loss(module(x), background))  # no vertebra: no level term
+    with pytest.raises(ConfigError, match="unknown levels encoding 'onehot'"):
+        SegmentationModule(weights=None, target="levels", levels_encoding="onehot")

@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from spineseg.labels import CHANNELS, STORED_TARGET, TARGET_VALUES, check_target
+from spineseg.models import levels as LV
 from spineseg.models.factory import build_model
 from spineseg.models.losses import SegmentationLoss
 
@@ -23,17 +24,15 @@ DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay"
 DEFAULT_SCHEDULER = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 10}
 
 
-def probabilities(logits: torch.Tensor, target: str) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, target: str, encoding: str = "classes") -> torch.Tensor:
     """What is stored and voted on: sigmoid for the one-channel region, softmax over the 5
-    vertebra classes, and for `levels` the region derived from the softmax over every level
-    (P(Th8) + ... + P(Th11)), so that the store, voting and predict see a region model."""
+    vertebra classes, and for `levels` the region derived from the levels (`models.levels`),
+    so that the store, voting and predict see a region model."""
     if target == "region":
         return torch.sigmoid(logits)
-    probs = torch.softmax(logits, dim=1)
     if target == "levels":
-        index = torch.as_tensor(TARGET_VALUES.astype("int64"), device=probs.device)
-        return probs.index_select(1, index).sum(1, keepdim=True).clamp_(0.0, 1.0)
-    return probs
+        return LV.region_probabilities(logits, encoding)
+    return torch.softmax(logits, dim=1)
 
 
 def metric_truth(mask: torch.Tensor, target: str) -> torch.Tensor:
@@ -90,16 +89,22 @@ class SegmentationModule(L.LightningModule):
         ce_weight: float = 1.0,
         threshold: float = 0.5,
         channels_last: bool | str = "auto",
+        levels_encoding: str = "classes",
     ) -> None:
         super().__init__()
         check_target(target)
+        LV.check_encoding(levels_encoding)
         self.save_hyperparameters()
         self.model_name = name or f"{arch}-{encoder}"
         self.target = target
         self.net = build_model(
-            arch, encoder, weights, in_channels, CHANNELS[target], **(arch_kwargs or {})
+            arch, encoder, weights, in_channels, self.channels, **(arch_kwargs or {})
         )
-        self.loss = SegmentationLoss(target, dice_weight, ce_weight)
+        self.loss: torch.nn.Module = (
+            LV.LevelsLoss(levels_encoding, dice_weight, ce_weight)
+            if target == "levels"
+            else SegmentationLoss(target, dice_weight, ce_weight)
+        )
         metrics = make_metrics(target)
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = torch.nn.ModuleList(
@@ -108,6 +113,17 @@ class SegmentationModule(L.LightningModule):
         self._channels_last = False
 
     # ------------------------------------------------------------------ core
+    @property
+    def channels(self) -> int:
+        """Network outputs: the target's channels, or the levels encoding's."""
+        if self.target == "levels":
+            return LV.channels(self.hparams.levels_encoding)
+        return CHANNELS[self.target]
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits -> the stored probabilities (float32), for this model's target."""
+        return probabilities(logits.float(), self.target, self.hparams.levels_encoding)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -140,9 +156,7 @@ class SegmentationModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits, loss = self._shared(batch)
-        pred = to_index(
-            probabilities(logits.float(), self.target), self.target, self.hparams.threshold
-        )
+        pred = to_index(self.probabilities(logits), self.target, self.hparams.threshold)
         self.val_metrics.update(pred, metric_truth(batch["mask"], self.target))
         self.log(
             "val/loss",
@@ -159,7 +173,7 @@ class SegmentationModule(L.LightningModule):
         self.val_metrics.reset()
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        probs = probabilities(self(batch["image"]).float(), self.target)
+        probs = self.probabilities(self(batch["image"]))
         metrics = self.test_metrics[min(dataloader_idx, 1)]
         truth = metric_truth(batch["mask"], self.target)
         metrics.update(to_index(probs, self.target, self.hparams.threshold), truth)
@@ -173,7 +187,7 @@ class SegmentationModule(L.LightningModule):
             metrics.reset()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        probs = probabilities(self(batch["image"]).float(), self.target)
+        probs = self.probabilities(self(batch["image"]))
         return {"probs": probs.to(torch.float16).cpu(), "ids": list(batch["id"])}
 
     # ------------------------------------------------------------------ optimisation
