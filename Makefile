@@ -62,6 +62,7 @@ bench: setup  ## benchmarks (figures in the README)
 	$(RUN) python benchmarks/bench_training.py
 	$(RUN) python benchmarks/bench_data.py
 	$(RUN) python benchmarks/bench_ensemble.py
+	$(RUN) python benchmarks/bench_predict.py
 
 clean:
 	rm -rf outputs .cache .pytest_cache .ruff_cache

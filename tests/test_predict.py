@@ -178,14 +178,14 @@ def test_cli_a_film_failing_in_the_pipeline_is_skipped_not_fatal(
     single-file run fails with the file's name."""
     from spineseg.predict import Ensemble
 
-    predict = Ensemble.predict
+    predict_batch = Ensemble.predict_batch
 
-    def picky(self, image):
-        if image.shape == (77, 50):
+    def picky(self, images):  # the batch holding it fails, then the film alone
+        if any(image.shape == (77, 50) for image in images):
             raise ValueError("cannot take 77x50 films")
-        return predict(self, image)
+        return predict_batch(self, images)
 
-    monkeypatch.setattr(Ensemble, "predict", picky)
+    monkeypatch.setattr(Ensemble, "predict_batch", picky)
     src = tmp_path / "in"
     src.mkdir()
     cv2.imwrite(str(src / "good.png"), film(150, 90))
@@ -234,3 +234,27 @@ def test_predict_uses_the_post_processing_chosen_on_validation(tmp_path):
     np.testing.assert_array_equal(pred.labels, postprocess.apply("spine", raw.labels))
     with pytest.raises(ConfigError, match="unknown post-processing"):
         load_ensemble(run, rule="soft", postprocess="blur")
+
+
+def test_batched_prediction_equals_one_film_at_a_time(tmp_path, run_dir, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, (h, w) in enumerate([(150, 90), (120, 80), (90, 60)]):
+        cv2.imwrite(str(src / f"f{i}.png"), film(h, w, seed=i))
+    (src / "bad.png").write_bytes(b"not a png")
+    outs = {}
+    for batch in ("1", "2"):
+        out = tmp_path / f"out{batch}"
+        args = [f"run_dir={run_dir}", f"input={src}", f"output={out}", f"batch_size={batch}"]
+        assert cli_main([*args, "overlay=false", "progress=false"]) == 0
+        outs[batch] = out
+        assert "films/s" in capsys.readouterr().out
+    for i in range(3):
+        a = cv2.imread(str(outs["1"] / f"f{i}_mask.png"), cv2.IMREAD_UNCHANGED)
+        b = cv2.imread(str(outs["2"] / f"f{i}_mask.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(a, b)
+    with open(outs["2"] / "skipped.csv") as fh:
+        assert [r["file"] for r in csv.DictReader(fh)] == ["bad.png"]
+    with pytest.raises(SystemExit):
+        cli_main([f"run_dir={run_dir}", f"input={src}", f"output={tmp_path}", "batch_size=0"])
+    assert "batch_size='0' must be a whole number >= 1" in capsys.readouterr().err

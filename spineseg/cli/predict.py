@@ -1,5 +1,7 @@
 """`spineseg-predict run_dir=<dir> input=<file|folder> output=<dir> [rule=soft] [device=auto]
-[overlay=true] [postprocess=val|none|spine]`: apply a run's selected ensemble to new films.
+[overlay=true] [postprocess=val|none|spine] [batch_size=8] [progress=true]`: apply a run's
+selected ensemble to new films, `batch_size` films at a time (on the GPU with device=auto
+when there is one), with a progress bar and the films per second at the end.
 
 postprocess=val (the default) uses the post-processing validation chose for the rule.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +30,8 @@ from spineseg.utils.io import atomic_open, atomic_write_text
 
 USAGE = (
     "usage: spineseg-predict run_dir=<dir> input=<file or folder> output=<dir> "
-    "[rule=soft] [device=auto] [overlay=true] [postprocess=val|none|spine]"
+    "[rule=soft] [device=auto] [overlay=true] [postprocess=val|none|spine] [batch_size=8] "
+    "[progress=true]"
 )
 DEFAULTS: dict[str, str | None] = {
     "run_dir": None,
@@ -37,6 +41,8 @@ DEFAULTS: dict[str, str | None] = {
     "device": "auto",
     "overlay": "true",
     "postprocess": "val",
+    "batch_size": "8",
+    "progress": "true",
 }
 COLUMNS = [
     "file",
@@ -66,8 +72,11 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
     missing = [k for k, v in opts.items() if v in (None, "")]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)}; {USAGE}")
-    if opts["overlay"].lower() not in _BOOL:
-        raise ConfigError(f"overlay={opts['overlay']!r} must be true or false")
+    for key in ("overlay", "progress"):
+        if opts[key].lower() not in _BOOL:
+            raise ConfigError(f"{key}={opts[key]!r} must be true or false")
+    if not opts["batch_size"].isdigit() or int(opts["batch_size"]) < 1:
+        raise ConfigError(f"batch_size={opts['batch_size']!r} must be a whole number >= 1")
     return opts  # type: ignore[return-value]
 
 
@@ -130,8 +139,10 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Sequence[object
     atomic_write_text(path, text.getvalue())
 
 
-def run(opts: dict[str, str]) -> tuple[int, int]:
-    """Predict every input film; returns (predicted, skipped)."""
+def run(opts: dict[str, str]) -> tuple[int, int, float]:
+    """Predict every input film; returns (predicted, skipped, films per second)."""
+    from tqdm import tqdm
+
     from spineseg.data.io import read_image
     from spineseg.predict import load_ensemble
 
@@ -142,54 +153,74 @@ def run(opts: dict[str, str]) -> tuple[int, int]:
         opts["run_dir"], rule=opts["rule"], device=opts["device"], postprocess=post
     )
     draw = _BOOL[opts["overlay"].lower()]
-    rows = []
-    for path, stem in zip(files, output_stems(files), strict=True):
-        try:
-            film, spacing = read_image(path)
-        except DataError as err:
-            if source.is_file():
-                raise
-            skipped.append((path.name, err.problem))
-            print(f"skipped {path.name}: {err.problem}", file=sys.stderr)
-            continue
-        try:
-            pred = ensemble.predict(film)
-            mask = pred.labels * 255 if ensemble.target == "region" else pred.labels
-            write_png(out / f"{stem}_mask.png", mask.astype(np.uint8))
-            if draw:
-                per_label = ensemble.target != "region"
-                write_png(out / f"{stem}_overlay.png", overlay(film, pred.labels, per_label))
-        except (DataError, ValueError, cv2.error) as err:
-            # A film the pipeline cannot take (odd shape or depth, an OpenCV failure) is this
-            # film's problem: a folder run lists it and goes on with the others.
-            problem = err.problem if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
-            if source.is_file():
-                raise DataError(path, problem) from err
-            skipped.append((path.name, problem))
-            print(f"skipped {path.name}: {problem}", file=sys.stderr)
-            continue
+    batch_size = int(opts["batch_size"])
+    rows: list[list[object]] = []
+
+    def skip(path: Path, problem: str, err: Exception | None = None) -> None:
+        if source.is_file():  # one film asked for: its problem is the run's error
+            raise DataError(path, problem) from err
+        skipped.append((path.name, problem))
+        tqdm.write(f"skipped {path.name}: {problem}", file=sys.stderr)
+
+    def problem_of(err: Exception) -> str:
+        return err.problem if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
+
+    def finish(path: Path, stem: str, film: np.ndarray, spacing, pred) -> None:
+        mask = pred.labels * 255 if ensemble.target == "region" else pred.labels
+        write_png(out / f"{stem}_mask.png", mask.astype(np.uint8))
+        if draw:
+            per_label = ensemble.target != "region"
+            write_png(out / f"{stem}_overlay.png", overlay(film, pred.labels, per_label))
         pixels = int((pred.labels > 0).sum())
         area = "" if spacing is None else f"{pixels * spacing[0] * spacing[1]:.4f}"
         h, w = pred.shape
         unc = f"{float(pred.uncertainty.mean()):.6f}"
         rows.append([path.name, h, w, pixels, area, unc, ensemble.rule, ensemble.postprocess])
+
+    started = time.perf_counter()
+    pairs = list(zip(files, output_stems(files), strict=True))
+    show = _BOOL[opts["progress"].lower()] and len(pairs) > 1
+    with tqdm(total=len(pairs), unit="film", disable=not show, file=sys.stderr) as bar:
+        for start in range(0, len(pairs), batch_size):
+            batch = []
+            for path, stem in pairs[start : start + batch_size]:
+                try:
+                    batch.append((path, stem, *read_image(path)))
+                except DataError as err:
+                    if source.is_file():
+                        raise
+                    skip(path, err.problem)
+            try:  # one batch through every model; a film it rejects is retried alone
+                preds = ensemble.predict_batch([film for _, _, film, _ in batch])
+            except (DataError, ValueError, cv2.error):
+                preds = None
+            for j, (path, stem, film, spacing) in enumerate(batch):
+                try:
+                    pred = preds[j] if preds is not None else ensemble.predict(film)
+                    finish(path, stem, film, spacing, pred)
+                except (DataError, ValueError, cv2.error) as err:
+                    # A film the pipeline cannot take (odd shape or depth, an OpenCV failure)
+                    # is this film's problem: a folder run lists it and goes on.
+                    skip(path, problem_of(err), err)
+            bar.update(len(pairs[start : start + batch_size]))
+    rate = len(rows) / max(time.perf_counter() - started, 1e-9)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "predictions.csv", COLUMNS, rows)
     write_csv(out / "skipped.csv", ["file", "reason"], skipped)
     if not rows:
         reason = f"none of the {len(skipped)} input file(s) could be read; see skipped.csv"
         raise DataError(source, reason)
-    return len(rows), len(skipped)
+    return len(rows), len(skipped), rate
 
 
 @one_line_errors
 def _main(argv: Sequence[str]) -> None:
     opts = parse_args(argv)
-    done, skipped = run(opts)
+    done, skipped, rate = run(opts)
     note = f"; skipped {skipped} (see skipped.csv)" if skipped else ""
     print(
         f"predicted {done} film(s) with the {opts['rule']} ensemble -> {opts['output']}"
-        f" (predictions.csv){note}"
+        f" (predictions.csv){note}; {rate:.1f} films/s"
     )
 
 
