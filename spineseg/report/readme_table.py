@@ -1,0 +1,91 @@
+"""The compact rules table the README quotes, regenerated from a run's `results.csv`, so no
+figure in the documentation is typed by hand:
+
+    python -m spineseg.report.readme_table outputs/demo/default [--splits test,external]
+        [--methods best_single,soft,...] [--levels]
+
+One row per method: Dice mean ± sd [95% CI] per split, the relative change over the best
+single model and the paired Wilcoxon p; `--levels` adds the level-error rate [95% CI].
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from spineseg.ensemble.evaluate import BEST, MODEL_PREFIX, level_text
+
+
+def _dice(r: pd.Series) -> str:
+    return (
+        f"{r['dice_mean']:.3f} ± {r['dice_sd']:.3f} [{r['dice_ci_low']:.3f}, "
+        f"{r['dice_ci_high']:.3f}]"
+    )
+
+
+def _p(value: float) -> str:
+    return "" if not math.isfinite(value) else f"{value:.2g}" if value < 0.01 else f"{value:.2f}"
+
+
+def readme_table(
+    results: pd.DataFrame,
+    splits: list[str] | None = None,
+    methods: list[str] | None = None,
+    levels: bool = False,
+) -> str:
+    splits = splits or list(dict.fromkeys(results["split"]))
+    if methods is None:
+        methods = [m for m in dict.fromkeys(results["method"]) if not m.startswith(MODEL_PREFIX)]
+    head, rule = ["method"], ["---"]
+    for split in splits:
+        n = int(results.loc[results["split"] == split, "n"].iloc[0])
+        head += [f"{split} Dice (n={n})", "vs best", "p"]
+        rule += ["---", "---:", "---:"]
+        if levels:
+            head.append(f"{split} level errors")
+            rule.append("---:")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    table = results.set_index(["split", "method"])
+    for method in methods:
+        cells = [method.replace("_", " ")]
+        for split in splits:
+            r = table.loc[(split, method)]
+            best = method == BEST
+            cells += [
+                _dice(r),
+                "" if best else f"{r['rel_improvement_pct']:+.2f}%",
+                "" if best else _p(float(r["p_value_vs_best_single"])),
+            ]
+            if levels:
+                cells.append(
+                    level_text(
+                        r["level_error_rate"], r["level_error_ci_low"], r["level_error_ci_high"]
+                    )
+                )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--splits", default=None, help="comma-separated, default: all in the run")
+    ap.add_argument("--methods", default=None, help="comma-separated, default: every rule")
+    ap.add_argument("--levels", action="store_true", help="add the level-error rates")
+    args = ap.parse_args(argv)
+    path = args.run_dir / "ensemble" / "results.csv"
+    if not path.is_file():
+        print(f"error: {path} does not exist: run spineseg-ensemble first", file=sys.stderr)
+        return 1
+    results = pd.read_csv(path)
+    split = lambda s: None if s is None else s.split(",")  # noqa: E731
+    print(readme_table(results, split(args.splits), split(args.methods), args.levels))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
