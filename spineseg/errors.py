@@ -14,6 +14,11 @@ class ConfigError(SpinesegError, ValueError):
     """A configuration value is invalid (unknown name, bad size, ...)."""
 
 
+class RefusedError(ConfigError):
+    """A run refused before it changed anything (the folder is busy, or holds a model trained
+    with another config): nothing may be recorded over what is there."""
+
+
 class WeightsError(SpinesegError, RuntimeError):
     """Pretrained weights cannot be found, fetched or loaded."""
 

@@ -23,9 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from spineseg.data.datamodule import SpineDataModule
 from spineseg.ensemble.store import PredictionStore
-from spineseg.errors import ConfigError
+from spineseg.errors import RefusedError
 from spineseg.labels import STORED_TARGET
 from spineseg.models.module import SegmentationModule
+from spineseg.utils.io import hold_lock
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +153,22 @@ def _checkpoint_callback(trainer: L.Trainer) -> Any:
     return next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
 
 
+#: Job folders this process holds (kept open: the lock lasts as long as the process).
+_LOCKS: dict[str, Any] = {}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir, job_dir = Path(cfg.run_dir), Path(cfg.job_dir)
     name = cfg.model.name
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0 and str(job_dir) not in _LOCKS:  # one writer per job folder
+        _LOCKS[str(job_dir)] = hold_lock(job_dir, f"a training of {name!r}")
     store = PredictionStore(run_dir)
     digest = config_hash(cfg)
     manifest = store.read_manifest(name)
     if manifest and manifest.get("config_hash") != digest and not cfg.get("overwrite"):
-        raise ConfigError(
+        raise RefusedError(
             f"{run_dir} already holds model {name!r} trained with another config; choose a new "
             "run name (run=...) or pass overwrite=true to retrain it"
         )
@@ -246,8 +255,8 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
     try:
         from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-        if rank_zero_only.rank != 0:  # the rank-zero process records for the job
-            return
+        if rank_zero_only.rank != 0 or isinstance(err, RefusedError):
+            return  # rank zero records for the job; a refusal changed nothing to record
         store = PredictionStore(Path(cfg.run_dir))
         name = cfg.model.name
         old = store.read_manifest(name) or {}

@@ -69,3 +69,32 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def hold_lock(folder: str | Path, what: str) -> IO[Any]:
+    """Take `folder/.lock` for this process (released when it exits or closes the file);
+    a second holder gets one line naming the folder and the process that holds it.
+
+    flock, not a marker file: a killed process never leaves a stale lock behind."""
+    import fcntl
+
+    from spineseg.errors import RefusedError
+
+    path = Path(folder) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115  (held for the process's lifetime)
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RefusedError(
+            f"{folder} is in use by {holder}: {what} is already running there; wait for it "
+            "to finish, or use another run name (run=...)"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    return fh

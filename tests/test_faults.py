@@ -1,0 +1,74 @@
+"""Finished work survives ordinary mistakes: a refused re-run changes nothing, and one job
+folder has one writer at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spineseg.errors import RefusedError
+from spineseg.utils.io import hold_lock
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["experiment=tiny", "hydra.job_logging.root.level=WARNING"]
+
+
+def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "spineseg.cli.train", *TINY, "name=faults",
+        f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+        *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "SPINESEG_PROGRESS": "false"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faults")
+    res = _train(root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return root
+
+
+def test_a_refused_rerun_leaves_the_finished_model_as_it_was(finished: Path) -> None:
+    run = finished / "out" / "faults" / "default"
+    before = _digest(run / "predictions")
+    res = _train(finished, "module.optimizer.lr=0.5")  # another config, same run
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "trained with another config" in res.stderr
+    assert _digest(run / "predictions") == before  # manifest, probabilities, truth untouched
+    manifest = json.loads((run / "predictions" / "unet_lite0" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+
+
+def test_one_job_folder_one_writer(finished: Path) -> None:
+    job = finished / "out" / "faults" / "default" / "jobs" / "unet_lite0"
+    held = hold_lock(job, "a test")  # as a training in another process would
+    try:
+        before = _digest(finished / "out" / "faults" / "default" / "predictions")
+        res = _train(finished, "overwrite=true")
+        assert res.returncode == 1 and "Traceback" not in res.stderr
+        assert f"{job} is in use by pid {os.getpid()}" in res.stderr
+        assert _digest(finished / "out" / "faults" / "default" / "predictions") == before
+    finally:
+        held.close()
+    first = hold_lock(job, "first")
+    with pytest.raises(RefusedError, match="is in use"):
+        hold_lock(job, "second")  # flock is per open file: even this process is refused
+    first.close()
+    hold_lock(job, "again").close()  # released: free to take
