@@ -333,3 +333,17 @@ def test_bad_root(tmp_path):
     (tmp_path / "labels/training").mkdir(parents=True)
     with pytest.raises(DataError, match=r"filenames\.csv"):
         aasce_source(root=tmp_path)
+
+
+def test_a_vertebra_whose_landmarks_are_out_of_the_column_is_not_drawn(tmp_path):
+    """Some AASCE files put an off-film vertebra's landmarks near the top (L5 above T1):
+    it is left out with a warning instead of teaching a level where it is not."""
+    points = spine()
+    moved = points.copy()
+    moved[64:68] = points[0:4] - [0, 2]  # L5's corners on top of T1
+    sample = aasce_source(root=make_tree(tmp_path, {"x.jpg": moved}))[0]
+    assert not (sample.label == level_value("L5")).any()
+    assert (sample.label == level_value("L4")).any() and (sample.label == level_value("Th1")).any()
+    assert any("['L5'] not drawn" in w for w in sample.meta["warnings"])
+    reference = aasce_source(root=make_tree(tmp_path / "ref", {"x.jpg": points}))[0]
+    np.testing.assert_array_equal(vertebra_labels(sample.label), vertebra_labels(reference.label))

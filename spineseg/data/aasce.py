@@ -268,7 +268,9 @@ def load_film(film: Film) -> Sample:
             f"landmarks {outside} (not Th8..Th11) lie slightly outside the image"
         )
     if undrawn:
-        meta["warnings"].append(f"vertebrae {undrawn} not drawn (degenerate or hidden landmarks)")
+        meta["warnings"].append(
+            f"vertebrae {undrawn} not drawn (degenerate, hidden or out-of-order landmarks)"
+        )
     return Sample(
         id=Path(film.name).stem,
         patient_id=patient,
@@ -344,8 +346,10 @@ def draw_vertebrae(where, points: np.ndarray, shape: tuple[int, int]) -> tuple[n
     shift = 4  # cv2 fixed-point: coordinates in 1/16 pixel
     order = [k for k in range(len(VERTEBRA_NAMES)) if k not in TARGET_K] + list(TARGET_K)
     quads = dict(zip(order, vertebra_polygons(points, order), strict=True))
-    undrawn: list[str] = []
+    undrawn = _out_of_column(quads)
     for k in order:
+        if VERTEBRA_NAMES[k] in undrawn:
+            continue
         name, quad = VERTEBRA_NAMES[k], quads[k]
         if polygon_area(quad) < 1.0:
             if k in TARGET_K:
@@ -360,6 +364,28 @@ def draw_vertebrae(where, points: np.ndarray, shape: tuple[int, int]) -> tuple[n
     if any(VERTEBRA_NAMES[k] in lost for k in TARGET_K):
         raise DataError(where, f"vertebrae {lost} vanished (overlapping landmarks?)")
     return label, undrawn + lost
+
+
+def _out_of_column(quads: dict[int, np.ndarray]) -> list[str]:
+    """Vertebrae outside Th8..Th11 whose centroid is not below the one above it (walking
+    down from Th11) or above the one below it (walking up from Th8). Some AASCE files place
+    the landmarks of a vertebra that is off the film out of the column (23 of the 481 training
+    films do so for L5, one for T1); drawn, they would teach a level where it is not."""
+    rows = {k: float(q[:, 1].mean()) for k, q in quads.items()}
+    skipped = []
+    above = rows[TARGET_K[-1]]
+    for k in range(TARGET_K.stop, len(VERTEBRA_NAMES)):
+        if rows[k] <= above:
+            skipped.append(VERTEBRA_NAMES[k])
+        else:
+            above = rows[k]
+    below = rows[TARGET_K[0]]
+    for k in range(TARGET_K.start - 1, -1, -1):
+        if rows[k] >= below:
+            skipped.append(VERTEBRA_NAMES[k])
+        else:
+            below = rows[k]
+    return skipped
 
 
 def polygon_area(quad: np.ndarray) -> float:

@@ -34,7 +34,7 @@ from spineseg.utils.io import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: labels hold level values of every labelled vertebra
+CACHE_VERSION = 3  # 2: level values of every labelled vertebra; 3: AASCE drops out-of-order ones
 _MEMORY_CACHE: dict[str, Prepared] = {}
 
 
