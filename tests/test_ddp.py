@@ -23,7 +23,7 @@ TOLERANCE = 1e-3
 
 def _train(tmp_path: Path, name: str, *extra: str) -> Path:
     cmd = [
-        sys.executable, "-m", "spineseg.cli.train", "experiment=tiny", f"name={name}",
+        sys.executable, "-m", "spineseg.cli.train", *extra, "experiment=tiny", f"name={name}",
         f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
         "hydra.job_logging.root.level=WARNING", *extra,
     ]  # fmt: skip
@@ -36,7 +36,9 @@ def _train(tmp_path: Path, name: str, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
-    ddp = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    # a one-job multirun: Lightning starts rank 1 by re-running the command line, which must
+    # re-run this job, not the sweep
+    ddp = ("-m", "model=unet_lite0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
     return {"ddp": _train(root, "ddp", *ddp), "single": _train(root, "single")}
 
 
@@ -57,10 +59,11 @@ def test_ddp_stores_every_film_once_written_by_one_process(runs: dict[str, Path]
         # same films, same order and shapes as a single-process run of the same config
         np.testing.assert_array_equal(ids, single.ids("unet_lite0", split))
         assert store.probs("unet_lite0", split).shape == single.probs("unet_lite0", split).shape
-    # the second process logged, but wrote nothing of its own
+    # the second process logged, but wrote nothing of its own, and the sweep ran once
     job = run / "jobs" / "unet_lite0"
     assert (job / "train_ddp_process_1.log").is_file()
     assert not list((run / "predictions").glob("*rank*"))
+    assert sorted(p.name for p in (run / "jobs").iterdir()) == ["unet_lite0"]
 
 
 def test_ddp_predictions_are_the_best_checkpoints_in_one_process(runs: dict[str, Path]) -> None:

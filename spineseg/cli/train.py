@@ -35,6 +35,10 @@ def main(cfg: DictConfig) -> float | None:
     from spineseg.train import record_failure, train
 
     _quiet_lightning()
+    if _in_sweep():
+        # Lightning starts DDP ranks > 0 by re-running sys.argv; in a multirun that would be
+        # the whole sweep again. This job's own overrides re-run just this job.
+        sys.argv = [sys.argv[0], *HydraConfig.get().overrides.task]
     try:
         manifest = train(cfg)
     except Exception as err:
