@@ -26,8 +26,9 @@ NUM_TARGET = len(TARGET_LEVELS)
 #: What a model learns: the binary region (the paper), the four target vertebrae, or
 #: every labelled vertebra (the region is derived from the Th8..Th11 classes).
 TARGETS: tuple[str, ...] = ("region", "vertebrae", "levels")
-#: Output channels of the network for each target.
-CHANNELS: dict[str, int] = {"region": 1, "vertebrae": 1 + NUM_TARGET, "levels": 1 + len(LEVELS)}
+#: Channels of what is stored for a target (and of the network, except for `levels`, whose
+#: channels depend on its encoding: `spineseg.models.levels.channels`).
+CHANNELS: dict[str, int] = {"region": 1, "vertebrae": 1 + NUM_TARGET}
 #: Channels stored (and voted on) per target: levels models store the derived region.
 STORED_TARGET: dict[str, str] = {"region": "region", "vertebrae": "vertebrae", "levels": "region"}
 
