@@ -5,3 +5,12 @@ __version__ = "0.1.0"
 from spineseg.utils import resolvers as _resolvers
 
 _resolvers.register()
+
+
+def __getattr__(name: str):
+    """`from spineseg import load_ensemble` without importing torch on `import spineseg`."""
+    if name == "load_ensemble":
+        from spineseg.predict import load_ensemble
+
+        return load_ensemble
+    raise AttributeError(f"module 'spineseg' has no attribute {name!r}")

@@ -258,3 +258,11 @@ def test_batched_prediction_equals_one_film_at_a_time(tmp_path, run_dir, capsys)
     with pytest.raises(SystemExit):
         cli_main([f"run_dir={run_dir}", f"input={src}", f"output={tmp_path}", "batch_size=0"])
     assert "batch_size='0' must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_the_package_exports_load_ensemble_lazily(run_dir):
+    import spineseg
+
+    assert spineseg.load_ensemble is load_ensemble
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        spineseg.nope  # noqa: B018
