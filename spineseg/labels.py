@@ -97,8 +97,8 @@ def target_masks(
         )
     if target == "vertebrae":
         return vertebra_labels(levels)
-    outside = levels.size and not bool(((levels > 0) & (region_mask(levels) == 0)).any())
-    if outside:
+    only_target = levels.size and not bool(((levels > 0) & (region_mask(levels) == 0)).any())
+    if only_target:
         raise DataError(
             None,
             "target=levels learns every labelled vertebra, but this dataset labels only "

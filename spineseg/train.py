@@ -19,6 +19,7 @@ import hydra.utils
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from spineseg.data.datamodule import SpineDataModule
@@ -160,8 +161,6 @@ _LOCKS: dict[str, Any] = {}
 def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir, job_dir = Path(cfg.run_dir), Path(cfg.job_dir)
     name = cfg.model.name
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
     if rank_zero_only.rank == 0 and str(job_dir) not in _LOCKS:  # one writer per job folder
         _LOCKS[str(job_dir)] = hold_lock(job_dir, f"a training of {name!r}")
     store = PredictionStore(run_dir)
@@ -253,8 +252,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def record_failure(cfg: DictConfig, err: BaseException) -> None:
     """Mark the model failed in its manifest (with the error) so the sweep can report it."""
     try:
-        from lightning.fabric.utilities.rank_zero import rank_zero_only
-
         if rank_zero_only.rank != 0 or isinstance(err, RefusedError):
             return  # rank zero records for the job; a refusal changed nothing to record
         store = PredictionStore(Path(cfg.run_dir))
