@@ -87,3 +87,41 @@ def test_one_job_folder_one_writer(finished: Path) -> None:
         hold_lock(job, "second")  # flock is per open file: even this process is refused
     first.close()
     hold_lock(job, "again").close()  # released: free to take
+
+
+# ----------------------------------------------------------------------------- privacy
+def test_wandb_goes_online_only_when_asked(monkeypatch, tmp_path):
+    from spineseg.errors import ConfigError
+    from spineseg.utils.wandb import wandb_mode
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # a key on the machine is not a request
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_mode() == "offline"
+    assert wandb_mode("offline") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "onlne")
+    with pytest.raises(ConfigError, match="'onlne'; valid choices: disabled, offline, online"):
+        wandb_mode()
+
+
+def test_online_wandb_without_a_server_fails_in_one_line(monkeypatch):
+    import socket
+    import time
+
+    from spineseg.errors import ConfigError
+    from spineseg.utils.wandb import wandb_mode
+
+    with socket.socket() as sock:  # a port that is certainly closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{port} cannot be reached"):
+        wandb_mode("online")
+    assert time.monotonic() - start < 10
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.netrc either
+    with pytest.raises(ConfigError, match="no API key"):
+        wandb_mode("online")

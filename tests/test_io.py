@@ -110,6 +110,32 @@ def test_truncated_file_is_rejected(tmp_path, ext):
     _bad(path, "truncated")
 
 
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_damaged_scan_data_is_rejected(tmp_path, ext):
+    """Complete files whose compressed data is damaged: OpenCV would decode the JPEG into a
+    partly grey film with a line on stderr; both must be errors naming the file."""
+    smooth = cv2.GaussianBlur(
+        np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8), (0, 0), 5
+    )
+    ok, data = cv2.imencode(ext, smooth)
+    assert ok
+    raw = bytearray(data.tobytes())
+    start = raw.rfind(b"\xff\xda") + 600 if ext == ".jpg" else 200
+    for i in range(start, start + 400, 7):
+        raw[i] = 0xFF if ext == ".jpg" else raw[i] ^ 0x55
+    path = tmp_path / f"damaged{ext}"
+    path.write_bytes(bytes(raw))
+    _bad(path, "damaged JPEG" if ext == ".jpg" else "cannot decode")
+
+
+def test_intact_jpeg_decodes_like_opencv(tmp_path):
+    ok, data = cv2.imencode(".jpg", cv2.GaussianBlur(RAMP8, (0, 0), 1))
+    path = tmp_path / "ok.jpg"
+    path.write_bytes(data.tobytes())
+    image, _ = read_image(path)
+    np.testing.assert_array_equal(image, cv2.imread(str(path), cv2.IMREAD_GRAYSCALE))
+
+
 def test_truncated_tiff_is_rejected(tmp_path):
     path = tmp_path / "cut.tif"
     ok, data = cv2.imencode(".tif", RAMP16)

@@ -102,10 +102,25 @@ def _read_bytes(path: Path) -> bytes:
 def _decode_raster(path: Path, suffix: str) -> np.ndarray:
     data = _read_bytes(path)
     _check_complete(path, data, suffix)
+    if suffix in (".jpg", ".jpeg"):
+        return _decode_jpeg_strict(path, data)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise DataError(path, f"cannot decode: corrupt or not a {suffix[1:].upper()} file")
     return image
+
+
+def _decode_jpeg_strict(path: Path, data: bytes) -> np.ndarray:
+    """libjpeg-turbo with warnings as errors: damaged scan data that OpenCV (and Pillow)
+    would decode into a partly grey film, with only a line on stderr, stops here."""
+    import simplejpeg
+
+    try:
+        _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        gray = colorspace.lower() == "gray"
+        return simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "BGR", strict=True)
+    except ValueError as err:
+        raise DataError(path, f"damaged JPEG ({err})") from None
 
 
 def _check_complete(path: Path, data: bytes, suffix: str) -> None:

@@ -72,7 +72,13 @@ DEFAULTS: dict[str, Any] = {
     "postprocess": ["spine"],
     "figures": True,
     "gallery_n": 4,
-    "wandb": {"enabled": False, "project": "spineseg", "group": None, "log_images": False},
+    "wandb": {
+        "enabled": False,
+        "mode": None,
+        "project": "spineseg",
+        "group": None,
+        "log_images": False,
+    },
 }
 
 

@@ -19,9 +19,9 @@ from spineseg.utils.wandb import wandb_mode
 log = logging.getLogger(__name__)
 
 
-def _mode() -> str:
+def _mode(wcfg: Mapping[str, Any]) -> str:
     """The training runs' rule (spineseg.utils.wandb.wandb_mode): offline unless opted in."""
-    return wandb_mode()
+    return wandb_mode(wcfg.get("mode"))
 
 
 def _table(df: pd.DataFrame) -> Any:
@@ -47,7 +47,7 @@ def log_results(
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    mode = _mode()
+    mode = _mode(wcfg)
     run = wandb.init(
         project=wcfg.get("project") or "spineseg",
         # the sweep's group, as the training runs name it (logger/wandb.yaml: <name>-<run>)
