@@ -3,6 +3,8 @@ that names the offending file or value and, where there is a choice, the valid c
 
 from __future__ import annotations
 
+import errno
+import signal
 from pathlib import Path
 
 
@@ -34,6 +36,41 @@ class DataError(SpinesegError, ValueError):
 
 class StoreError(SpinesegError, ValueError):
     """The prediction store is incomplete or inconsistent."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM (how SLURM pre-empts and times out jobs) or SIGINT (Ctrl-C) arrived.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way up
+    (a skipped film, a recorded failure) can swallow it; the entry point marks the model
+    `interrupted` and exits with the shell's code for the signal (143, 130)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def raise_on_signals() -> None:
+    """SIGTERM and SIGINT raise `Interrupted` in the main thread (Lightning keeps calling
+    this handler after its own during fit)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+
+def os_error_line(err: OSError, where: str | Path) -> str:
+    """A full disk, a read-only folder or a missing permission, said in one line that names
+    the path (the file when the OS names it, else the folder being written)."""
+    path = err.filename or where
+    return f"{path}: {err.strerror or err} (while writing under {where})"
+
+
+#: OS errors that are the machine's state, not a bug: one line, never a traceback.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def choices_message(kind: str, value: object, choices: list[str] | tuple[str, ...]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 import traceback
 from pathlib import Path
@@ -70,16 +71,30 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _usable_checkpoint(path: Path) -> bool:
-    """A checkpoint torn by a kill mid-write is ignored rather than crashing the resume."""
-    if not path.is_file():
-        return False
+def _readable(path: Path) -> bool:
     try:
         torch.load(path, map_location="cpu", weights_only=True)
         return True
     except Exception as err:
-        log.warning("ignoring unreadable checkpoint %s (%s); starting afresh", path, err)
+        log.warning("%s is unreadable (%s: %s)", path, type(err).__name__, err)
         return False
+
+
+def resume_point(folder: Path) -> Path | None:
+    """The checkpoint to resume from: `last.ckpt`, else `best.ckpt` (both carry the whole
+    training state). One torn by a kill or a full disk mid-write is moved aside, kept for
+    inspection, and the previous good one is used: a torn file never restarts a long
+    training from zero, and never crashes it."""
+    for name in ("last.ckpt", "best.ckpt"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        if _readable(path):
+            return path
+        aside = path.with_name(f"{name}.torn-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(path, aside)
+        log.warning("moved %s aside to %s; resuming from the previous good checkpoint", path, aside)
+    return None
 
 
 def construct(node: DictConfig, **extra: Any) -> Any:
@@ -186,7 +201,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     L.seed_everything(cfg.seed, workers=True)
     last = job_dir / "checkpoints" / "last.ckpt"
-    resume = _usable_checkpoint(last) and not cfg.get("overwrite")
+    start_from = None if cfg.get("overwrite") else resume_point(last.parent)
+    resume = start_from is not None
     started = time.time()
     trainer = build_trainer(cfg)
     base = {
@@ -198,7 +214,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "splits": dm.split_names,
         "started_at": _now(),
         "error": None,
-        "resumed_from": str(last) if resume else None,
+        "resumed_from": str(start_from) if resume else None,
         "fit_processes": trainer.world_size,
     }
     if trainer.is_global_zero:  # one writer of the store, whatever the number of processes
@@ -206,7 +222,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         store.write_manifest(name, {**base, "status": "running"})
 
     module = build_module(cfg, pretrained=not resume)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(start_from) if resume else None)
     if trainer.world_size > 1:
         # Evaluation and prediction run in one process on one device: a distributed sampler
         # would pad the shards with duplicates, and every rank would write the store.
@@ -249,8 +265,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return done
 
 
-def record_failure(cfg: DictConfig, err: BaseException) -> None:
-    """Mark the model failed in its manifest (with the error) so the sweep can report it."""
+def record_failure(cfg: DictConfig, err: BaseException, status: str = "failed") -> None:
+    """Mark the model `failed` (or `interrupted`) in its manifest, with the error, so the
+    sweep can report it and the next run resumes it. A finished model is never touched."""
     try:
         if rank_zero_only.rank != 0 or isinstance(err, RefusedError):
             return  # rank zero records for the job; a refusal changed nothing to record
@@ -266,9 +283,9 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
                 **old,
                 "model": name,
                 "preset": {k: cfg.model.get(k) for k in ("arch", "encoder", "weights")},
-                "status": "failed",
+                "status": status,
                 "error": f"{type(err).__name__}: {err}",
-                "traceback": traceback.format_exc(limit=20),
+                "traceback": "".join(traceback.format_exception(err, limit=20)),
                 "finished_at": _now(),
             },
         )

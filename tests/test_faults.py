@@ -125,3 +125,101 @@ def test_online_wandb_without_a_server_fails_in_one_line(monkeypatch):
     monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.netrc either
     with pytest.raises(ConfigError, match="no API key"):
         wandb_mode("online")
+
+
+# ----------------------------------------------------------------------------- signals, disks
+def _start(tmp_path: Path, *overrides: str, prelude: str = "") -> subprocess.Popen:
+    """spineseg-train in its own process group; `prelude` runs first (a fault to inject)."""
+    code = f"{prelude}\nfrom spineseg.cli.train import main\nmain()"
+    cmd = [
+        sys.executable, "-c", code, *TINY, "name=faults",
+        f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+        *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "SPINESEG_PROGRESS": "false"}
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def test_sigterm_marks_interrupted_exits_143_and_the_rerun_resumes(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    args = ("trainer.max_epochs=3", "trainer.limit_train_batches=null")
+    run = tmp_path / "out" / "faults" / "default"
+    last = run / "jobs" / "unet_lite0" / "checkpoints" / "last.ckpt"
+    proc = _start(tmp_path, *args)
+    deadline = time.monotonic() + 300
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the training finished before it could be signalled"
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does on pre-emption
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    manifest = json.loads((run / "predictions" / "unet_lite0" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+
+    res = _train(tmp_path, *args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = json.loads((run / "predictions" / "unet_lite0" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["resumed_from"].endswith(".ckpt")
+    assert manifest["epochs"] == 3
+    names = sorted(p.name for p in last.parent.iterdir())
+    assert names == ["best.ckpt", "last.ckpt"], names  # no best-v1.ckpt, last-v1.ckpt
+
+
+def test_sigint_raises_interrupted_with_exit_code_130() -> None:
+    import signal
+
+    from spineseg.errors import Interrupted, raise_on_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        raise_on_signals()
+        with pytest.raises(Interrupted) as info:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert info.value.exit_code == 130 and str(info.value) == "SIGINT"
+        assert not isinstance(info.value, Exception)  # no `except Exception` swallows it
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_a_torn_checkpoint_is_moved_aside_and_the_previous_good_one_used(tmp_path) -> None:
+    import torch
+
+    from spineseg.train import resume_point
+
+    torch.save({"epoch": 3, "state_dict": {"w": torch.ones(2)}}, tmp_path / "best.ckpt")
+    good = (tmp_path / "best.ckpt").read_bytes()
+    (tmp_path / "last.ckpt").write_bytes(good[: len(good) // 2])  # killed mid-write
+    assert resume_point(tmp_path) == tmp_path / "best.ckpt"
+    torn = list(tmp_path.glob("last.ckpt.torn-*"))
+    assert len(torn) == 1 and torn[0].stat().st_size == len(good) // 2  # kept for inspection
+    assert not (tmp_path / "last.ckpt").exists()
+    (tmp_path / "best.ckpt").write_bytes(b"")
+    assert resume_point(tmp_path) is None  # nothing good left: start afresh, no crash
+
+
+_FULL_DISK = """
+import errno, os
+import lightning.fabric.plugins.io.torch_io as torch_io
+def _full(checkpoint, path):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+torch_io._atomic_save = _full
+"""
+
+
+def test_a_full_disk_is_one_line_and_recorded(tmp_path: Path) -> None:
+    proc = _start(tmp_path, prelude=_FULL_DISK)
+    _, err = proc.communicate(timeout=300)
+    job = tmp_path / "out" / "faults" / "default" / "jobs" / "unet_lite0"
+    assert proc.returncode == 1, err[-2000:]
+    assert f"error: {job}: No space left on device" in err and "Traceback" not in err
+    manifest = json.loads(
+        (job.parents[1] / "predictions" / "unet_lite0" / "manifest.json").read_text()
+    )
+    assert manifest["status"] == "failed" and "No space left" in manifest["error"]

@@ -129,7 +129,7 @@ def test_damaged_scan_data_is_rejected(tmp_path, ext):
 
 
 def test_intact_jpeg_decodes_like_opencv(tmp_path):
-    ok, data = cv2.imencode(".jpg", cv2.GaussianBlur(RAMP8, (0, 0), 1))
+    _, data = cv2.imencode(".jpg", cv2.GaussianBlur(RAMP8, (0, 0), 1))
     path = tmp_path / "ok.jpg"
     path.write_bytes(data.tobytes())
     image, _ = read_image(path)

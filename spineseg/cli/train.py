@@ -12,7 +12,13 @@ from omegaconf import DictConfig
 
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
 from spineseg.cli.common import CONF_DIR
-from spineseg.errors import SpinesegError
+from spineseg.errors import (
+    DISK_ERRNOS,
+    Interrupted,
+    SpinesegError,
+    os_error_line,
+    raise_on_signals,
+)
 
 log = logging.getLogger("spineseg.train")
 
@@ -39,16 +45,29 @@ def main(cfg: DictConfig) -> float | None:
         # Lightning starts DDP ranks > 0 by re-running sys.argv; in a multirun that would be
         # the whole sweep again. This job's own overrides re-run just this job.
         sys.argv = [sys.argv[0], *HydraConfig.get().overrides.task]
+    raise_on_signals()
     try:
         manifest = train(cfg)
+    except Interrupted as stop:
+        # SLURM's pre-emption or Ctrl-C: the model is marked, the scheduler sees a non-zero
+        # exit, and the same command resumes from the last good checkpoint.
+        record_failure(cfg, stop, status="interrupted")
+        print(
+            f"error: {cfg.model.name}: interrupted by {stop}; run the same command again to "
+            f"resume from {cfg.job_dir}/checkpoints",
+            file=sys.stderr,
+        )
+        sys.exit(stop.exit_code)
     except Exception as err:
         record_failure(cfg, err)
+        disk = isinstance(err, OSError) and err.errno in DISK_ERRNOS
+        message = os_error_line(err, cfg.job_dir) if disk else f"{type(err).__name__}: {err}"
         if _in_sweep():
             # One failed model must not sink the sweep: it is recorded and summarised.
-            log.error("%s failed: %s: %s", cfg.model.name, type(err).__name__, err)
+            log.error("%s failed: %s", cfg.model.name, message)
             return None
-        if isinstance(err, SpinesegError):
-            print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, SpinesegError) or disk:
+            print(f"error: {err if not disk else message}", file=sys.stderr)
             sys.exit(1)
         raise
     return (manifest.get("val_metrics") or {}).get("dice")

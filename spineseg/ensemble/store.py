@@ -4,8 +4,8 @@ Training writes it, the ensemble engine only reads it, so ensembling never re-ru
 Layout under ``<run_dir>/predictions/``::
 
     <model>/<split>.npz     probs float16 (N,C,H,W) in [0,1]; ids (N,) str   (split: val|test|external)
-    <model>/manifest.json   {"model", "status": running|complete|failed, "preset", "target",
-                             "config", "config_hash", "checkpoint", "val_metrics", "splits",
+    <model>/manifest.json   {"model", "status": running|complete|failed|interrupted,
+                             "preset", "target", "config", "config_hash", "checkpoint", "val_metrics", "splits",
                              "error", "started_at", "finished_at", "elapsed_s"}
     _truth/<split>.npz      masks uint8 (N,H,W) at working resolution; ids (N,) str;
                             optional images uint8 (N,H,W) (film for overlays) and
@@ -44,7 +44,7 @@ from spineseg.errors import StoreError
 from spineseg.utils.io import atomic_savez, atomic_write_json
 
 SPLITS: tuple[str, ...] = ("val", "test", "external")
-STATUSES: tuple[str, ...] = ("running", "complete", "failed")
+STATUSES: tuple[str, ...] = ("running", "complete", "failed", "interrupted")
 CHANNELS: tuple[int, ...] = (1, 5)  # region, vertebrae
 TRUTH_DIR = "_truth"
 MAX_LABEL = 4  # 0 = background, 1..4 = Th8..Th11
