@@ -1,13 +1,16 @@
-"""Hydra callback that summarises a sweep: which models completed, which failed and why."""
+"""Hydra callbacks of a sweep: before it, one job folder per job (or a refusal naming the
+clash); after it, which models completed, which failed and why."""
 
 from __future__ import annotations
 
 import logging
+import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from spineseg.ensemble.store import PredictionStore
 from spineseg.utils.io import atomic_write_json, atomic_write_text
@@ -38,6 +41,108 @@ def summarize_sweep(run_dir: str | Path) -> list[dict[str, Any]]:
     atomic_write_json(Path(run_dir) / "sweep_summary.json", rows)
     atomic_write_text(Path(run_dir) / "sweep_summary.md", "\n".join(lines) + "\n")
     return rows
+
+
+#: Keys that name the model itself; sweeping them gives distinct members already.
+_MEMBER_KEYS = ("model", "member", "swept")
+
+
+def _overrides(config: DictConfig) -> list[Any]:
+    """The sweep's overrides as the basic sweeper sees them: its params, then the command's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    return OverridesParser.create().parse_overrides([*params, *task])
+
+
+def swept_options(config: DictConfig) -> list[str]:
+    """The options a multirun sweeps besides the model (`data.preprocess=none,clahe`)."""
+    return [
+        o.key_or_group
+        for o in _overrides(config)
+        if o.is_sweep_override()
+        and o.key_or_group not in _MEMBER_KEYS
+        and not o.key_or_group.startswith("hydra")
+    ]
+
+
+def job_members(config: DictConfig) -> list[tuple[str, str, list[str]]]:
+    """(member name, truth identity, overrides) of every job the sweep will launch, each composed as the
+    sweeper will compose it."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.plugins import Plugins  # noqa: F401  (the sweeper's own imports)
+
+    loader = GlobalHydra.instance().config_loader()
+    jobs = BasicSweeper.split_arguments(_overrides(config), None)[0]
+    out = []
+    for overrides in jobs:
+        job = loader.load_sweep_config(config, list(overrides))
+        out.append((str(OmegaConf.select(job, "member")), _truth_of(job), list(overrides)))
+    return out
+
+
+#: Data options that change how a model sees the films but not the films, their masks or
+#: their split: jobs that differ only in these share the run's ground truth.
+TRUTH_NEUTRAL_DATA = ("preprocess", "augment", "batch_size", "num_workers", "cache", "cache_dir")
+
+
+def _truth_of(job: DictConfig) -> str:
+    """What the job's stored ground truth depends on (films, split, size, stored target)."""
+    import json
+
+    from spineseg.labels import STORED_TARGET
+
+    data = OmegaConf.to_container(job.data, resolve=True)
+    for key in TRUTH_NEUTRAL_DATA:
+        data.pop(key, None)
+    data["target"] = STORED_TARGET.get(data.get("target"), data.get("target"))
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+class SweepGuard(Callback):
+    """Before any job runs: a multirun that sweeps more than the model names each job after
+    its swept values too (`swept`), and one whose jobs would still share a job folder and a
+    store entry is refused, naming the clash, while nothing has been written."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        swept = swept_options(config)
+        task = config.hydra.overrides.task
+        if swept and not any(str(o).split("=", 1)[0].lstrip("+~") == "swept" for o in task):
+            with read_write(config.hydra.overrides):
+                task.append(f"swept=[{','.join(swept)}]")
+        jobs = job_members(config)
+        common = set.intersection(*(set(o) for _, _, o in jobs)) if jobs else set()
+
+        def shown(group: list[list[str]]) -> str:
+            return " and ".join(
+                "'" + " ".join(x for x in o if x not in common) + "'" for o in group[:2]
+            )
+
+        by_name: dict[str, list[list[str]]] = defaultdict(list)
+        by_truth: dict[str, list[list[str]]] = defaultdict(list)
+        for name, truth, overrides in jobs:
+            by_name[name].append(overrides)
+            by_truth[truth].append(overrides)
+        clashes = {n: o for n, o in by_name.items() if len(o) > 1}
+        if clashes:
+            name, same = next(iter(clashes.items()))
+            _refuse(
+                f"the sweep's jobs {shown(same)} would share jobs/{name} and its store entry; "
+                "sweep the model or an option, or set member= per job"
+            )
+        if len(by_truth) > 1:
+            _refuse(
+                f"the sweep's jobs {shown([o[0] for o in by_truth.values()])} need different "
+                "ground truths (films, split, size or target), which one run's store cannot "
+                "hold; sweep them as separate runs (run=...)"
+            )
+
+
+def _refuse(message: str) -> None:
+    print(f"error: {message} (nothing was run)", file=sys.stderr)
+    sys.exit(1)
 
 
 class SweepSummary(Callback):

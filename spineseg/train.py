@@ -28,7 +28,7 @@ from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import RefusedError
 from spineseg.labels import STORED_TARGET
 from spineseg.models.module import SegmentationModule
-from spineseg.utils.io import hold_lock
+from spineseg.utils.io import file_digest, hold_lock
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ _LOCKS: dict[str, Any] = {}
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir, job_dir = Path(cfg.run_dir), Path(cfg.job_dir)
-    name = cfg.model.name
+    name = cfg.member
     if rank_zero_only.rank == 0 and str(job_dir) not in _LOCKS:  # one writer per job folder
         _LOCKS[str(job_dir)] = hold_lock(job_dir, f"a training of {name!r}")
     store = PredictionStore(run_dir)
@@ -243,16 +243,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     outputs = trainer.predict(module, dataloaders=dm.predict_dataloader())
     if len(dm.split_names) == 1:
         outputs = [outputs]
+    digests = {}
     for split, batches in zip(dm.split_names, outputs, strict=True):
         probs = torch.cat([b["probs"] for b in batches]).numpy()
         ids = [i for b in batches for i in b["ids"]]
-        store.write_probs(name, split, probs, ids)
+        digests[split] = file_digest(store.write_probs(name, split, probs, ids))
 
     metrics = {k.split("/", 1)[1]: float(v) for k, v in val.items() if k.startswith("val/")}
     test_metrics = {k: float(v) for d in tests for k, v in d.items()}
     done = {
         **base,
         "status": "complete",
+        "digests": digests,  # verified before the ensemble scores them
         "checkpoint": best or (str(last) if last.exists() else None),
         "val_metrics": metrics,
         "test_metrics": test_metrics,
@@ -272,7 +274,7 @@ def record_failure(cfg: DictConfig, err: BaseException, status: str = "failed") 
         if rank_zero_only.rank != 0 or isinstance(err, RefusedError):
             return  # rank zero records for the job; a refusal changed nothing to record
         store = PredictionStore(Path(cfg.run_dir))
-        name = cfg.model.name
+        name = cfg.member
         old = store.read_manifest(name) or {}
         if old.get("status") == "complete":  # a finished model is never marked failed
             log.error("%s: not recorded, the stored model is complete (%s)", name, err)

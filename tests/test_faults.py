@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from spineseg.errors import RefusedError
@@ -20,9 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=tiny", "hydra.job_logging.root.level=WARNING"]
 
 
-def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _train(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "spineseg.cli.train", *TINY, "name=faults",
+        sys.executable, "-m", "spineseg.cli.train", *(["-m"] if multirun else []), *TINY,
+        "name=faults",
         f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
         *overrides,
     ]  # fmt: skip
@@ -223,3 +225,90 @@ def test_a_full_disk_is_one_line_and_recorded(tmp_path: Path) -> None:
         (job.parents[1] / "predictions" / "unet_lite0" / "manifest.json").read_text()
     )
     assert manifest["status"] == "failed" and "No space left" in manifest["error"]
+
+
+# ----------------------------------------------------------------------------- sweeps
+def test_a_sweep_over_a_non_model_option_gives_each_job_its_own_entry(tmp_path: Path) -> None:
+    res = _train(
+        tmp_path, "model=unet_lite0", "data.preprocess=none,clahe",
+        "trainer.limit_train_batches=1", "ensemble.enabled=false", multirun=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "out" / "faults" / "default"
+    names = ["unet_lite0+data.preprocess=clahe", "unet_lite0+data.preprocess=none"]
+    assert sorted(p.name for p in (run / "jobs").iterdir()) == names
+    from spineseg.ensemble.store import PredictionStore
+
+    store = PredictionStore(run)
+    assert store.models() == names  # both complete: one truth, shared (preprocessing differs)
+    assert store.read_manifest(names[0])["config"]["data"]["preprocess"] == "clahe"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        (("member=fixed", "model=unet_lite0,fpn_lite0"), "'model=unet_lite0' and "
+         "'model=fpn_lite0' would share jobs/fixed and its store entry"),
+        (("model=unet_lite0", "data.image_size=[64,64],[96,64]"), "need different ground "
+         "truths"),
+    ],
+)  # fmt: skip
+def test_a_sweep_whose_jobs_would_collide_is_refused_before_anything_runs(
+    tmp_path: Path, overrides: tuple[str, ...], said: str
+) -> None:
+    res = _train(tmp_path, *overrides, multirun=True)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert said in res.stderr and "(nothing was run)" in res.stderr
+    assert not (tmp_path / "out" / "faults" / "default" / "predictions").exists()
+
+
+# ----------------------------------------------------------------------------- the film cache
+def test_the_film_cache_remembers_what_it_skipped_and_why(tmp_path: Path) -> None:
+    """A cache built under on_error=skip replays its skipped list on every hit, and a run
+    with on_error=raise never trains on the survivors: it gets its own key, and the error."""
+    import test_folder as F
+
+    from spineseg.data import datamodule as D
+    from spineseg.errors import DataError
+
+    root = tmp_path / "films"
+    for stem, seed in (("a", 0), ("c", 2)):
+        F.write(root / f"images/{stem}.png", F.film(seed))
+        F.write(root / f"masks/{stem}.png", F.region_mask(255))
+    (root / "images/c.png").write_bytes((root / "images/c.png").read_bytes()[:200])  # torn
+    spec = {"source": "folder", "root": str(root)}
+
+    def load(on_error: str) -> tuple[list, list]:
+        skipped: list = []
+        p = D.load_source(spec, (64, 64), "stretch", "none", "disk", str(tmp_path / "c"),
+                          on_error=on_error, skipped=skipped)  # fmt: skip
+        return p.ids, skipped
+
+    ids, skipped = load("skip")
+    assert ids == ["a"] and [Path(p).name for p, _ in skipped] == ["c.png"]
+    D._MEMORY_CACHE.clear()  # a new process: the disk cache is hit, and says what it skipped
+    ids_again, skipped_again = load("skip")
+    assert ids_again == ids and skipped_again == skipped
+    with pytest.raises(DataError, match="c.png"):
+        load("raise")
+
+
+# ----------------------------------------------------------------------------- the store
+def test_a_damaged_prediction_file_is_excluded_never_scored(finished: Path, tmp_path) -> None:
+    import shutil
+
+    from spineseg.ensemble.evaluate import candidate_models
+    from spineseg.ensemble.store import PredictionStore
+
+    run = tmp_path / "run"
+    shutil.copytree(finished / "out" / "faults" / "default", run)
+    store = PredictionStore(run)
+    assert store.read_manifest("unet_lite0")["digests"].keys() == {"val", "test", "external"}
+    assert candidate_models(store) == ["unet_lite0"]  # intact: verified, kept
+    path = store.probs_path("unet_lite0", "test")
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit inside the probabilities, headers intact
+    path.write_bytes(bytes(raw))
+    assert np.asarray(store.probs("unet_lite0", "test")).shape[0] > 0  # still opens
+    with pytest.warns(UserWarning, match=f"'unet_lite0' excluded: {path}: damaged"):
+        assert candidate_models(store) == []

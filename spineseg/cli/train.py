@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> float | None:
         # exit, and the same command resumes from the last good checkpoint.
         record_failure(cfg, stop, status="interrupted")
         print(
-            f"error: {cfg.model.name}: interrupted by {stop}; run the same command again to "
+            f"error: {cfg.member}: interrupted by {stop}; run the same command again to "
             f"resume from {cfg.job_dir}/checkpoints",
             file=sys.stderr,
         )
@@ -64,7 +64,7 @@ def main(cfg: DictConfig) -> float | None:
         message = os_error_line(err, cfg.job_dir) if disk else f"{type(err).__name__}: {err}"
         if _in_sweep():
             # One failed model must not sink the sweep: it is recorded and summarised.
-            log.error("%s failed: %s", cfg.model.name, message)
+            log.error("%s failed: %s", cfg.member, message)
             return None
         if isinstance(err, SpinesegError) or disk:
             print(f"error: {err if not disk else message}", file=sys.stderr)

@@ -35,7 +35,7 @@ from spineseg.utils.io import atomic_open, atomic_write_text
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 3  # 2: level values of every labelled vertebra; 3: AASCE drops out-of-order ones
-_MEMORY_CACHE: dict[str, Prepared] = {}
+_MEMORY_CACHE: dict[str, tuple[Prepared, list]] = {}
 
 
 @dataclass
@@ -137,8 +137,14 @@ def _cache_key(spec: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _save_prepared(path: Path, p: Prepared) -> None:
-    meta = {"ids": p.ids, "patients": p.patients, "forced": p.forced, "geometry": p.geometry}
+def _save_prepared(path: Path, p: Prepared, skipped: list) -> None:
+    meta = {
+        "ids": p.ids,
+        "patients": p.patients,
+        "forced": p.forced,
+        "geometry": p.geometry,
+        "skipped": [list(row) for row in skipped],
+    }
     with atomic_open(path, "wb") as fh:
         np.savez(
             fh,
@@ -150,10 +156,11 @@ def _save_prepared(path: Path, p: Prepared) -> None:
         )
 
 
-def _load_prepared(path: Path) -> Prepared | None:
+def _load_prepared(path: Path) -> tuple[Prepared, list] | None:
     try:
         with np.load(path) as z:
             meta = json.loads(z["meta"].tobytes().decode())
+            skipped = [tuple(row) for row in meta.get("skipped", [])]
             return Prepared(
                 meta["ids"],
                 meta["patients"],
@@ -163,7 +170,7 @@ def _load_prepared(path: Path) -> Prepared | None:
                 z["binary"],
                 z["spacing"],
                 meta["geometry"],
-            )
+            ), skipped
     except Exception as err:  # a corrupt cache is rebuilt, never trusted
         log.warning("ignoring unreadable cache %s (%s)", path, err)
         return None
@@ -180,7 +187,9 @@ def load_source(
     skipped: list | None = None,
 ) -> Prepared:
     """Decode + resize + preprocess a source once per process (memory) and once per
-    machine (disk cache keyed by source, its files, geometry and preprocessing)."""
+    machine (disk cache keyed by source, its files' names, sizes and mtimes, geometry,
+    preprocessing and on_error); the films a build skipped are kept with it and replayed
+    into `skipped` on every hit."""
     name = spec.get("source")
     root = spec.get("root")
     if root is not None:
@@ -193,25 +202,31 @@ def load_source(
         "size": list(image_size),
         "resize": resize,
         "preprocess": preprocess,
+        # a film skipped under on_error=skip must never be missing from a run that raises
+        "on_error": on_error,
     }
     key = _cache_key(key_spec)
-    if key in _MEMORY_CACHE:
-        return _MEMORY_CACHE[key]
+    cached = _MEMORY_CACHE.get(key)
     path = Path(cache_dir or ".cache/spineseg") / f"{name}-{key}.npz"
-    prepared = _load_prepared(path) if cache == "disk" and path.exists() else None
-    if prepared is None:
+    if cached is None and cache == "disk" and path.exists():
+        cached = _load_prepared(path)
+    if cached is None:
         kwargs = dict(spec.get("source_kwargs") or {})
         if root is not None:
             kwargs["root"] = root
         if spec.get("split") is not None:
             kwargs["split"] = spec["split"]
-        samples = build_source(name, on_error=on_error, skipped=skipped, **kwargs)
+        left_out: list = []
+        samples = build_source(name, on_error=on_error, skipped=left_out, **kwargs)
         if not samples:
             raise DataError(root, f"data source {name!r} yielded no films ({key_spec['kwargs']})")
-        prepared = prepare(samples, image_size, resize, preprocess)
+        cached = prepare(samples, image_size, resize, preprocess), left_out
         if cache == "disk":
-            _save_prepared(path, prepared)
-    _MEMORY_CACHE[key] = prepared
+            _save_prepared(path, *cached)
+    _MEMORY_CACHE[key] = cached
+    prepared, left_out = cached
+    if skipped is not None:  # a cache hit replays what the build skipped, for skipped.csv
+        skipped.extend(left_out)
     return prepared
 
 

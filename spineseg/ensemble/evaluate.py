@@ -480,6 +480,11 @@ def candidate_models(store: PredictionStore) -> list[str]:
                 stacklevel=3,
             )
             continue
+        try:
+            store.verify(model, list(dict.fromkeys(wanted)))
+        except StoreError as err:  # damaged bytes are never scored
+            warnings.warn(f"model {model!r} excluded: {err}", stacklevel=3)
+            continue
         keep.append(model)
     return keep
 

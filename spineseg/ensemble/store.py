@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from spineseg.errors import StoreError
-from spineseg.utils.io import atomic_savez, atomic_write_json
+from spineseg.utils.io import atomic_savez, atomic_write_json, file_digest
 
 SPLITS: tuple[str, ...] = ("val", "test", "external")
 STATUSES: tuple[str, ...] = ("running", "complete", "failed", "interrupted")
@@ -52,6 +52,8 @@ MAX_LABEL = 4  # 0 = background, 1..4 = Th8..Th11
 PROB_TOL = 1e-3
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@,-]*$")
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header, 30 bytes
+#: (path, size, mtime, digest) of prediction files already verified in this process.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
 _VALIDATE_ROWS = 32  # images validated / converted at a time when writing
 
 
@@ -197,15 +199,20 @@ class PredictionStore:
             arrays["spacing"] = sp
         if path.exists():
             stored = self._load_all(path)
-            if _same_arrays(stored, arrays):
+            # The films are kept for overlays only, so models that differ in preprocessing
+            # share one truth: the first writer's films stay.
+            same, new = _truth_identity(stored), _truth_identity(arrays)
+            if _same_arrays(same, new):
                 return path
             # A truth written before the vertebrae were stored gains them; nothing else changes.
-            older = {k: v for k, v in arrays.items() if k != "vertebrae"}
-            if "vertebrae" in stored or not _same_arrays(stored, older):
+            older = {k: v for k, v in new.items() if k != "vertebrae"}
+            if "vertebrae" in stored or not _same_arrays(same, older):
                 raise StoreError(
                     f"{path}: a different truth for split {split!r} is already stored; "
                     "remove it (or use a new run_dir) to replace it"
                 )
+            if "images" in stored:
+                arrays["images"] = stored["images"]
         atomic_savez(path, **arrays)
         return path
 
@@ -270,6 +277,27 @@ class PredictionStore:
         except StoreError:
             return False
         return True
+
+    def verify(self, model: str, splits: Sequence[str]) -> None:
+        """Check each split's file against the digest its manifest recorded (`digests`),
+        once per file and version in a process; a mismatch is a StoreError naming the file.
+        Manifests written before digests were recorded are not checked."""
+        recorded = (self.read_manifest(model) or {}).get("digests") or {}
+        for split in splits:
+            if split not in recorded:
+                continue
+            path = self.probs_path(model, split)
+            st = path.stat()
+            key = (str(path), st.st_size, st.st_mtime_ns, recorded[split])
+            if key in _VERIFIED:
+                continue
+            actual = file_digest(path)
+            if actual != recorded[split]:
+                raise StoreError(
+                    f"{path}: damaged (its bytes give {actual}, the manifest recorded "
+                    f"{recorded[split]}); retrain the model (delete {path.parent}) to replace it"
+                )
+            _VERIFIED.add(key)
 
     def probs(self, model: str, split: str, mmap: bool = True) -> np.ndarray:
         """(N,C,H,W) float16, memory-mapped unless `mmap` is False (or the member is
@@ -572,6 +600,10 @@ def _as_ids(ids: Sequence[str], n: int, where: str) -> np.ndarray:
     if (counts > 1).any():
         raise StoreError(f"{where}: duplicate id {str(uniq[np.argmax(counts > 1)])!r}")
     return arr
+
+
+def _truth_identity(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in arrays.items() if k != "images"}
 
 
 def _same_arrays(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> bool:

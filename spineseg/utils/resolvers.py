@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=@,-]+")
 
 
 def amp_precision() -> str:
@@ -24,7 +29,32 @@ def on_gpu(accelerator: str) -> bool:
     return accelerator == "auto" and torch.cuda.is_available()
 
 
-RESOLVERS = {"amp_precision": amp_precision, "on_gpu": on_gpu}
+def member_name(model: str, swept: Any, _root_: DictConfig) -> str:
+    """The model's name in the store and its job folder: the preset's name, plus each swept
+    option's value when a multirun sweeps more than the model (`unet_lite0+data.preprocess=
+    clahe`), so that no two jobs of a sweep ever share a folder or a store entry.
+
+    `swept` lists those options (spineseg.sweep.SweepGuard sets it); a config group's value
+    is its choice (`data=folder` -> `folder`)."""
+    parts = [model]
+    for key in swept or ():
+        value = OmegaConf.select(_root_, key, default=None)
+        if isinstance(value, DictConfig) or value is None:
+            value = _group_choice(_root_, key)
+        parts.append(f"{key}={_UNSAFE.sub('_', str(value))}")
+    return "+".join(parts)
+
+
+def _group_choice(root: DictConfig, key: str) -> str | None:
+    choices = OmegaConf.select(root, "hydra.runtime.choices", default=None)
+    if choices is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return choices.get(key)
+
+
+RESOLVERS = {"amp_precision": amp_precision, "on_gpu": on_gpu, "member": member_name}
 
 
 def register() -> None:
