@@ -289,7 +289,7 @@ def test_the_film_cache_remembers_what_it_skipped_and_why(tmp_path: Path) -> Non
     D._MEMORY_CACHE.clear()  # a new process: the disk cache is hit, and says what it skipped
     ids_again, skipped_again = load("skip")
     assert ids_again == ids and skipped_again == skipped
-    with pytest.raises(DataError, match="c.png"):
+    with pytest.raises(DataError, match=r"c\.png"):
         load("raise")
 
 
