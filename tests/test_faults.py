@@ -312,3 +312,62 @@ def test_a_damaged_prediction_file_is_excluded_never_scored(finished: Path, tmp_
     assert np.asarray(store.probs("unet_lite0", "test")).shape[0] > 0  # still opens
     with pytest.warns(UserWarning, match=f"'unet_lite0' excluded: {path}: damaged"):
         assert candidate_models(store) == []
+
+
+# ----------------------------------------------------------------------------- output sets
+def test_a_kill_mid_ensemble_leaves_the_old_complete_set(tmp_path, monkeypatch) -> None:
+    from ensemble_fixtures import make_store
+
+    from spineseg.ensemble import evaluate
+    from spineseg.report.report import ReportError, build_report
+
+    make_store(tmp_path, models=("m0", "m1", "m2"), noise=[1.5, 2.0, 2.5])
+    opts = {"n_boot": 50, "gallery_n": 0, "top_k": 2, "figures": False}
+    evaluate.run_ensemble(tmp_path, opts)
+    build_report(tmp_path)
+    before = {d: _digest(tmp_path / d) for d in ("ensemble", "report")}
+
+    def killed(*args, **kwargs):  # dies after selection.json of the new set is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "write_outputs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run_ensemble(tmp_path, {**opts, "top_k": 3})
+    monkeypatch.undo()
+    assert _digest(tmp_path / "ensemble") == before["ensemble"]  # old set, whole
+    assert not list(tmp_path.glob(".ensemble*"))  # the staged set is gone
+
+    from spineseg.report import report as R
+
+    monkeypatch.setattr(R, "_html", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(tmp_path)
+    monkeypatch.undo()
+    assert _digest(tmp_path / "report") == before["report"]
+
+    selection = json.loads((tmp_path / "ensemble" / "selection.json").read_text())
+    results = json.loads((tmp_path / "ensemble" / "results.json").read_text())
+    assert selection["set_id"] == results["set_id"]
+    selection["set_id"] = "0" * 32  # a selection from another ensemble run
+    (tmp_path / "ensemble" / "selection.json").write_text(json.dumps(selection))
+    with pytest.raises(ReportError, match="come from different ensemble runs"):
+        build_report(tmp_path)
+
+
+def test_where_paths_cannot_be_exchanged_two_renames_and_a_recovery_do(
+    tmp_path, monkeypatch
+) -> None:
+    from spineseg.utils import io
+
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # e.g. NFS: no RENAME_EXCHANGE
+    final = tmp_path / "ensemble"
+    for value in ("1", "2"):
+        with io.staged_dir(final) as out:
+            (out / "results.csv").write_text(value)
+    assert (final / "results.csv").read_text() == "2"
+    assert not list(tmp_path.glob(".ensemble*"))
+    os.replace(final, tmp_path / ".ensemble.old")  # killed between the two renames
+    (tmp_path / ".ensemble.new-x").mkdir()
+    io.recover_dir(final)  # what the next writer does first
+    assert (final / "results.csv").read_text() == "2"
+    assert not list(tmp_path.glob(".ensemble*"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from spineseg.ensemble.store import (
     read_rows,
 )
 from spineseg.errors import ConfigError, StoreError, choices_message
-from spineseg.utils.io import atomic_write_json, atomic_write_text
+from spineseg.utils.io import atomic_write_json, atomic_write_text, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -572,8 +573,22 @@ def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
     candidates = candidate_models(store)
     if not candidates:
         raise StoreError(f"{store.root}: no complete model with a readable val split")
-    out_dir = run_dir / "ensemble"
+    final = run_dir / "ensemble"
+    set_id = uuid.uuid4().hex  # selection.json and results.json of one set carry the same id
+    with staged_dir(final) as out_dir:  # a kill leaves the old complete set, or the new one
+        results = _ensemble_into(out_dir, run_dir, store, candidates, opts, set_id)
+    log.info("ensemble results written to %s", final)
+    return results
 
+
+def _ensemble_into(
+    out_dir: Path,
+    run_dir: Path,
+    store: PredictionStore,
+    candidates: list[str],
+    opts: dict[str, Any],
+    set_id: str,
+) -> pd.DataFrame:
     selection = select_models(
         ValidationView(store),
         candidates,
@@ -589,7 +604,7 @@ def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
     selection.postprocess, selection.postprocess_scores = choose_postprocess(
         ValidationView(store), spec, opts["postprocess"], int(opts["chunk_size"])
     )
-    save_selection(selection, out_dir / "selection.json")
+    save_selection(selection, out_dir / "selection.json", set_id)
 
     frames, units, n_images, evaluated = [], {}, {}, {}
     for split in opts["splits"]:
@@ -638,12 +653,13 @@ def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
     results = summarize_results(per_image, spec, int(opts["n_boot"]), int(opts["seed"]), units)
     extra = {
         "run_dir": str(run_dir),
+        "set_id": set_id,
         "distance_unit": units,
         "n_images": n_images,
         "selection": selection.to_json(),
         "config": opts,
     }
-    paths = write_outputs(out_dir, results, per_image, extra)
+    write_outputs(out_dir, results, per_image, extra)
 
     figures: dict[str, Path] = {}
     galleries: dict[str, Path] = {}
@@ -680,5 +696,4 @@ def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
         log_results(
             run_dir, opts["wandb"], results, per_image, figures, galleries, selection.to_json()
         )
-    log.info("ensemble results written to %s", paths["results_csv"].parent)
     return results

@@ -318,7 +318,11 @@ def select_models(
     )
 
 
-def save_selection(selection: Selection, path: str | Path) -> Path:
+def save_selection(selection: Selection, path: str | Path, set_id: str | None = None) -> Path:
+    """selection.json; `set_id` ties it to the results written with it (the report checks)."""
     path = Path(path)
-    atomic_write_json(path, selection.to_json())
+    data = selection.to_json()
+    if set_id is not None:
+        data["set_id"] = set_id
+    atomic_write_json(path, data)
     return path

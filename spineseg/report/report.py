@@ -25,7 +25,7 @@ from spineseg.ensemble.evaluate import MODEL_PREFIX, level_text
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import SpinesegError, StoreError
 from spineseg.report import figures as figs
-from spineseg.utils.io import atomic_open, atomic_write_text
+from spineseg.utils.io import atomic_open, atomic_write_text, staged_dir
 
 SELECTED_COLOR = "#d62728"
 OTHER_COLOR = "#c6dbef"
@@ -165,6 +165,18 @@ def _config_value(run_dir: Path, keys: tuple[str, ...]) -> Any:
     return node
 
 
+def _check_one_set(ens: Path, selection: dict | None, results: dict) -> None:
+    """selection.json and results.json must come from one `spineseg-ensemble` run: a report
+    that pairs one set's models with another's numbers would be wrong without a word."""
+    ids = {(selection or {}).get("set_id"), results.get("set_id")}
+    if len(ids) > 1:
+        raise ReportError(
+            f"{ens}: selection.json and results.json come from different ensemble runs "
+            f"(set_id {(selection or {}).get('set_id')} vs {results.get('set_id')}); "
+            f"rerun `spineseg-ensemble run_dir={ens.parent}`"
+        )
+
+
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory; raises ReportError when there is nothing to report."""
     run_dir = Path(run_dir)
@@ -185,6 +197,7 @@ def load_run(run_dir: str | Path) -> RunData:
             data.per_image = pd.read_csv(ens / "per_image.csv")
         if (ens / "results.json").is_file():
             data.results_json = _read_json(ens / "results.json")
+        _check_one_set(ens, selection, data.results_json)
     else:
         notes.append(
             "The ensemble step has not run yet (no ensemble/results.csv): run "
@@ -499,10 +512,10 @@ def build_report(run_dir: str | Path) -> Path:
 
     Raises ReportError when run_dir or its predictions do not exist."""
     data = load_run(run_dir)
-    out = data.run_dir / "report"
-    figures = make_figures(data, out / "figures")
-    sections = _sections(data)
-    md_path = out / "report.md"
-    atomic_write_text(md_path, _markdown(data, sections, figures))
-    atomic_write_text(out / "report.html", _html(data, sections, figures))
-    return md_path
+    final = data.run_dir / "report"
+    with staged_dir(final) as out:  # a kill leaves the old complete report, or the new one
+        figures = make_figures(data, out / "figures")
+        sections = _sections(data)
+        atomic_write_text(out / "report.md", _markdown(data, sections, figures))
+        atomic_write_text(out / "report.html", _html(data, sections, figures))
+    return final / "report.md"

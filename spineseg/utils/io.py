@@ -1,6 +1,8 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, then os.replace.
+"""Atomic writes: a file goes to a temporary sibling, fsync, then os.replace; a set of files
+(`ensemble/`, `report/`) goes to a staged sibling folder that is swapped in whole.
 
-A crash (or SIGKILL) mid-write leaves either the old file or the new one, never a torn one.
+A crash (or SIGKILL) mid-write leaves either the old file or set, or the new one, never a
+torn file or a mixture.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +73,62 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the OS or
+    the file system cannot (then the caller falls back to two renames)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _old(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def recover_dir(final: str | Path) -> None:
+    """After a kill between the two renames of the fallback swap, put the old set back; drop
+    staged sets that were never published."""
+    final = Path(final)
+    if not final.exists() and _old(final).is_dir():
+        os.replace(_old(final), final)
+    for stale in final.parent.glob(f".{final.name}.new-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty sibling folder to write a whole set of outputs into; on success it
+    replaces `final` in one step, on failure it is removed and `final` is as it was.
+
+    Readers see the old complete set or the new one, never a mixture."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
+    staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    os.chmod(staged, 0o777 & ~_UMASK)
+    try:
+        yield staged
+        if final.exists() and _exchange(staged, final):
+            shutil.rmtree(staged, ignore_errors=True)  # now holds the old set
+            return
+        if final.exists():
+            shutil.rmtree(_old(final), ignore_errors=True)
+            os.replace(final, _old(final))
+        os.replace(staged, final)
+        shutil.rmtree(_old(final), ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        recover_dir(final)
+        raise
 
 
 def file_digest(path: str | Path, block: int = 1 << 22) -> str:
