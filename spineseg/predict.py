@@ -11,6 +11,7 @@ original film.
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,11 @@ def _load_module(path: Path, device: torch.device) -> SegmentationModule:
 
     try:
         module = SegmentationModule.from_checkpoint(path, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise StoreError(
+            f"{path}: not a plain checkpoint: it holds pickled objects, which are never run "
+            "(torch.load weights_only=True); use the checkpoint spineseg-train wrote"
+        ) from None
     except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise StoreError(f"{path}: cannot load checkpoint ({msg})") from None

@@ -12,7 +12,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from spineseg.checks import check_run
 from spineseg.ensemble.store import PredictionStore
+from spineseg.errors import ConfigError
 from spineseg.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,8 @@ def swept_options(config: DictConfig) -> list[str]:
     ]
 
 
-def job_members(config: DictConfig) -> list[tuple[str, str, list[str]]]:
-    """(member name, truth identity, overrides) of every job the sweep will launch, each composed as the
+def job_members(config: DictConfig) -> list[tuple[str, str, list[str], DictConfig]]:
+    """(member name, truth identity, overrides, config) of every job the sweep will launch, each composed as the
     sweeper will compose it."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -79,7 +81,7 @@ def job_members(config: DictConfig) -> list[tuple[str, str, list[str]]]:
     out = []
     for overrides in jobs:
         job = loader.load_sweep_config(config, list(overrides))
-        out.append((str(OmegaConf.select(job, "member")), _truth_of(job), list(overrides)))
+        out.append((str(OmegaConf.select(job, "member")), _truth_of(job), list(overrides), job))
     return out
 
 
@@ -113,7 +115,7 @@ class SweepGuard(Callback):
             with read_write(config.hydra.overrides):
                 task.append(f"swept=[{','.join(swept)}]")
         jobs = job_members(config)
-        common = set.intersection(*(set(o) for _, _, o in jobs)) if jobs else set()
+        common = set.intersection(*(set(o) for _, _, o, _ in jobs)) if jobs else set()
 
         def shown(group: list[list[str]]) -> str:
             return " and ".join(
@@ -122,7 +124,7 @@ class SweepGuard(Callback):
 
         by_name: dict[str, list[list[str]]] = defaultdict(list)
         by_truth: dict[str, list[list[str]]] = defaultdict(list)
-        for name, truth, overrides in jobs:
+        for name, truth, overrides, _ in jobs:
             by_name[name].append(overrides)
             by_truth[truth].append(overrides)
         clashes = {n: o for n, o in by_name.items() if len(o) > 1}
@@ -138,6 +140,11 @@ class SweepGuard(Callback):
                 "ground truths (films, split, size or target), which one run's store cannot "
                 "hold; sweep them as separate runs (run=...)"
             )
+        for _, _, overrides, job in jobs:
+            try:
+                check_run(job)  # a typo in any job stops the sweep before the first one runs
+            except ConfigError as err:
+                _refuse(f"job '{' '.join(x for x in overrides if x not in common)}': {err}")
 
 
 def _refuse(message: str) -> None:

@@ -23,6 +23,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from spineseg.checks import check_run
 from spineseg.data.datamodule import SpineDataModule
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import RefusedError
@@ -178,6 +179,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     name = cfg.member
     if rank_zero_only.rank == 0 and str(job_dir) not in _LOCKS:  # one writer per job folder
         _LOCKS[str(job_dir)] = hold_lock(job_dir, f"a training of {name!r}")
+    check_run(cfg)  # a typo stops here, before any film is decoded
     store = PredictionStore(run_dir)
     digest = config_hash(cfg)
     manifest = store.read_manifest(name)

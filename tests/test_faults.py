@@ -171,6 +171,10 @@ def test_sigterm_marks_interrupted_exits_143_and_the_rerun_resumes(tmp_path: Pat
     assert manifest["epochs"] == 3
     names = sorted(p.name for p in last.parent.iterdir())
     assert names == ["best.ckpt", "last.ckpt"], names  # no best-v1.ckpt, last-v1.ckpt
+    import pandas as pd
+
+    log = pd.read_csv(last.parents[1] / "logs" / "metrics.csv")
+    assert set(log["epoch"].dropna().astype(int)) == {0, 1, 2}  # the first run's epochs kept
 
 
 def test_sigint_raises_interrupted_with_exit_code_130() -> None:
@@ -371,3 +375,61 @@ def test_where_paths_cannot_be_exchanged_two_renames_and_a_recovery_do(
     io.recover_dir(final)  # what the next writer does first
     assert (final / "results.csv").read_text() == "2"
     assert not list(tmp_path.glob(".ensemble*"))
+
+
+# ----------------------------------------------------------------------------- predict
+def test_predict_refuses_a_pickled_checkpoint_and_writing_into_the_input(tmp_path, capsys) -> None:
+    import cv2
+    import torch
+    from test_predict import film, make_run
+
+    from spineseg.cli.predict import main as predict
+    from spineseg.ensemble.store import StoreError
+    from spineseg.predict import load_ensemble
+
+    run = make_run(tmp_path / "run")
+    films = tmp_path / "films"
+    films.mkdir()
+    cv2.imwrite(str(films / "a.png"), film(40, 30))
+    with pytest.raises(SystemExit) as info:
+        predict([f"run_dir={run}", f"input={films}", f"output={films}/."])
+    assert info.value.code == 1 and "is the input folder" in capsys.readouterr().err
+    assert sorted(p.name for p in films.iterdir()) == ["a.png"]  # nothing written there
+
+    ckpt = run / "jobs" / "m1" / "best.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "extra": Path("code")}, ckpt)  # a pickled object: never unpickled
+    with pytest.raises(StoreError, match=f"{ckpt}: not a plain checkpoint"):
+        load_ensemble(run)
+
+
+# ----------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("data.batch_size=0", "data.batch_size must be a whole number >= 1, got 0"),
+        ("data.batch_size=2.5", "data.batch_size must be a whole number >= 1, got 2.5"),
+        ("data.num_workers=-2", "data.num_workers must be auto or a whole number >= 0"),
+        ("ensemble.top_k=0", "ensemble.top_k must be a whole number >= 1, got 0"),
+        ("ensemble.chunk_size=x", "ensemble.chunk_size must be a whole number >= 1, got 'x'"),
+        ("trainer.max_epochs=0", "trainer.max_epochs must be a whole number >= 1"),
+        ("model.encoder=nope", "unknown encoder 'nope'; valid choices:"),
+        ("model.arch=nope", "unknown architecture 'nope'; valid choices:"),
+    ],
+)
+def test_a_bad_value_is_one_line_before_any_data_loads(tmp_path, override, said) -> None:
+    from spineseg.checks import check_run
+    from spineseg.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        check_run(_cfg(tmp_path, override))
+    assert said in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "cache").exists()  # checked before a single film was decoded
+
+
+def test_a_sweep_with_one_bad_job_is_refused_before_the_first_runs(tmp_path: Path) -> None:
+    res = _train(tmp_path, "model=unet_lite0,fpn_lite0", "data.batch_size=2,0", multirun=True)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "job 'model=unet_lite0 data.batch_size=0" in res.stderr
+    assert "data.batch_size must be a whole number >= 1, got 0 (nothing was run)" in res.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.ckpt"))

@@ -147,6 +147,12 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
     from spineseg.predict import load_ensemble
 
     source, out = Path(opts["input"]), Path(opts["output"])
+    films_dir = source if source.is_dir() else source.parent
+    if out.resolve() == films_dir.resolve():
+        raise ConfigError(
+            f"output {out} is the input folder: the masks would mix with the films (and be "
+            "read as films by the next run); choose another output folder"
+        )
     files, skipped = list_inputs(source)
     post = None if opts["postprocess"] == "val" else opts["postprocess"]
     ensemble = load_ensemble(

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spineseg.checks import check_numbers
 from spineseg.ensemble import agreement, metrics, postprocess, stats, voting
 from spineseg.ensemble.selection import (
     Selection,
@@ -136,11 +137,7 @@ def ensemble_config(cfg: Any = None) -> dict[str, Any]:
             raise ConfigError(choices_message("split", split, list(SPLITS)))
     if not 0.0 < float(out["threshold"]) < 1.0:
         raise ConfigError(f"ensemble.threshold must be in (0, 1), got {out['threshold']}")
-    for key in ("top_k", "greedy_size", "chunk_size", "n_boot"):
-        if int(out[key]) < 1:
-            raise ConfigError(f"ensemble.{key} must be >= 1, got {out[key]}")
-    if int(out["gallery_n"]) < 0:
-        raise ConfigError(f"ensemble.gallery_n must be >= 0, got {out['gallery_n']}")
+    check_numbers(out, prefix="ensemble.")
     return out
 
 

@@ -1,0 +1,62 @@
+"""Checks of a run's config that need no data: every number with its valid range, every
+name with its choices, so a typo stops in one line before any film is decoded or any
+weight is loaded (and before a sweep of 20 models starts, not after it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from spineseg.errors import ConfigError
+
+#: Whole-number options and their smallest valid value (None: the option may be absent).
+MINIMUMS: dict[str, int] = {
+    "seed": 0,
+    "data.batch_size": 1,
+    "data.split_seed": 0,
+    "trainer.max_epochs": 1,
+    "ensemble.top_k": 1,
+    "ensemble.greedy_size": 1,
+    "ensemble.chunk_size": 1,
+    "ensemble.n_boot": 1,
+    "ensemble.gallery_n": 0,
+}
+
+
+def check_whole(name: str, value: Any, low: int) -> int:
+    """`value` as an int >= `low`, or one line naming the option and its range."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value, ok = int(value), True
+    if not ok or value < low:
+        raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return value
+
+
+def check_numbers(cfg: DictConfig | dict, prefix: str = "") -> None:
+    """Every option of MINIMUMS under `prefix` ('' for a whole run's config, 'ensemble.'
+    for the ensemble's own) that `cfg` sets."""
+    for path, low in MINIMUMS.items():
+        if not path.startswith(prefix):
+            continue
+        value = OmegaConf.select(OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg,
+                                 path.removeprefix(prefix), default=None)  # fmt: skip
+        if value is not None:
+            check_whole(path, value, low)
+
+
+def check_run(cfg: DictConfig) -> None:
+    """What `spineseg-train` checks before it touches data: numbers, the model's
+    architecture and encoder, the data loader's workers, and the ensemble options the
+    sweep will end with."""
+    from spineseg.data.datamodule import resolve_workers
+    from spineseg.ensemble.evaluate import ensemble_config
+    from spineseg.models.factory import check_arch, check_encoder
+
+    check_numbers(cfg)
+    check_arch(str(cfg.model.arch))
+    check_encoder(str(cfg.model.encoder))
+    resolve_workers(cfg.data.get("num_workers", "auto"))
+    if cfg.get("ensemble") is not None:
+        ensemble_config(cfg.ensemble)
