@@ -193,6 +193,14 @@ def test_dicom_monochrome1_is_inverted_over_the_stored_range(tmp_path):
     np.testing.assert_array_equal(image, 4095 - pixels)
 
 
+def test_truncated_dicom_pixel_data_is_rejected(tmp_path):
+    path = write_dicom(
+        tmp_path / "cut.dcm", (np.arange(64 * 64).reshape(64, 64) % 4000).astype(np.uint16)
+    )
+    path.write_bytes(path.read_bytes()[:-1000])
+    _bad(path, "less than expected")
+
+
 def test_dicom_8bit_stays_uint8(tmp_path):
     image, _ = read_image(write_dicom(tmp_path / "e.dcm", RAMP8))
     assert image.dtype == np.uint8

@@ -29,8 +29,15 @@ log = logging.getLogger("spineseg.study")
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+    """The study's config, or one line saying which override Hydra could not apply."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            return compose("train", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise SpinesegError(" ".join(str(err).split())) from None
 
 
 def _run(step: str, cmd: list[str]) -> int:
@@ -87,9 +94,29 @@ def study(overrides: list[str]) -> Path:
     return report
 
 
+def show_config(overrides: list[str], what: str) -> None:
+    """`--cfg job|hydra|all`, as the Hydra apps have it: the composed config, nothing run."""
+    from omegaconf import OmegaConf
+
+    cfg = _compose(overrides)
+    if what == "job":
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    elif what == "hydra":
+        cfg = cfg.hydra
+    print(OmegaConf.to_yaml(cfg))
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        study(list(sys.argv[1:] if argv is None else argv))
+        if "--cfg" in args or "-c" in args:
+            at = args.index("--cfg" if "--cfg" in args else "-c")
+            what = args[at + 1] if at + 1 < len(args) else "job"
+            if what not in ("job", "hydra", "all"):
+                raise SpinesegError(f"unknown --cfg {what!r}; valid choices: all, hydra, job")
+            show_config(args[:at] + args[at + 2 :], what)
+            return
+        study(args)
     except SpinesegError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
