@@ -174,7 +174,7 @@ def test_sigterm_marks_interrupted_exits_143_and_the_rerun_resumes(tmp_path: Pat
     import pandas as pd
 
     log = pd.read_csv(last.parents[1] / "logs" / "metrics.csv")
-    assert set(log["epoch"].dropna().astype(int)) == {0, 1, 2}  # the first run's epochs kept
+    assert {0, 1, 2} <= set(log["epoch"].dropna().astype(int))  # the first run's epoch 0 kept
 
 
 def test_sigint_raises_interrupted_with_exit_code_130() -> None:
