@@ -266,3 +266,59 @@ def test_the_package_exports_load_ensemble_lazily(run_dir):
     assert spineseg.load_ensemble is load_ensemble
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         spineseg.nope  # noqa: B018
+
+
+def test_a_dicom_film_gets_a_dicom_seg_that_matches_the_png(tmp_path, run_dir):
+    import highdicom as hd
+    import pydicom
+    from dicom_fixtures import write_dicom
+    from pydicom.uid import generate_uid
+
+    src = tmp_path / "films"
+    uids = {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid()}
+    write_dicom(src / "film.dcm", film(96, 48, np.uint16), PatientID="P1", Modality="DX", **uids)
+    write_dicom(src / "bare.dcm", film(96, 48, np.uint16, seed=1))  # no Study/Series UIDs
+    out = tmp_path / "out"
+    assert cli_main([f"run_dir={run_dir}", f"input={src}", f"output={out}", "progress=false"]) == 0
+    seg = hd.seg.segread(out / "film_seg.dcm")
+    source = pydicom.dcmread(src / "film.dcm")
+    assert seg.StudyInstanceUID == source.StudyInstanceUID and seg.PatientID == "P1"
+    ref = seg.ReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == source.SeriesInstanceUID
+    assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Th8-Th11"]
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "122495006"
+    pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], combine_segments=True)
+    png = cv2.imread(str(out / "film_mask.png"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(pixels[0], png // 255)
+    assert (out / "bare_mask.png").is_file() and not (out / "bare_seg.dcm").exists()
+    with open(out / "skipped.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows == [
+        {"file": "bare.dcm", "reason": "DICOM SEG not written: no StudyInstanceUID, "
+         "SeriesInstanceUID, Modality: a DICOM SEG cannot reference it"}
+    ]  # fmt: skip
+
+
+def test_vertebrae_masks_become_one_segment_per_vertebra(tmp_path):
+    import highdicom as hd
+    from dicom_fixtures import write_dicom
+    from pydicom.uid import generate_uid
+
+    from spineseg.dicom_seg import write_seg
+
+    path = write_dicom(
+        tmp_path / "v.dcm", film(80, 40, np.uint16),
+        StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(), Modality="DX",
+    )  # fmt: skip
+    labels = np.zeros((80, 40), np.uint8)
+    for value in range(1, 5):
+        labels[10 + 12 * value : 20 + 12 * value, 10:30] = value
+    seg = hd.seg.segread(write_seg(path, labels, "vertebrae", tmp_path / "v_seg.dcm", "soft"))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Th8", "Th9", "Th10", "Th11"]
+    codes = [s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning for s in seg.SegmentSequence]
+    assert codes == ["T8 vertebra", "T9 vertebra", "T10 vertebra", "T11 vertebra"]
+    uid = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+    np.testing.assert_array_equal(
+        seg.get_pixels_by_source_instance([uid], combine_segments=True)[0], labels
+    )

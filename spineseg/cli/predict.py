@@ -1,13 +1,16 @@
 """`spineseg-predict run_dir=<dir> input=<file|folder> output=<dir> [rule=soft] [device=auto]
-[overlay=true] [postprocess=val|none|spine] [batch_size=8] [progress=true]`: apply a run's
+[overlay=true] [postprocess=val|none|spine] [batch_size=8] [progress=true] [dicom_seg=true]`:
+apply a run's
 selected ensemble to new films, `batch_size` films at a time (on the GPU with device=auto
 when there is one), with a progress bar and the films per second at the end.
 
 postprocess=val (the default) uses the post-processing validation chose for the rule.
 
 Per film it writes `<stem>_mask.png` (region 0/255; vertebrae labels 0..4) and, with
-overlay=true, `<stem>_overlay.png`; then `predictions.csv` and `skipped.csv` (films that could
-not be read or predicted, with the reason: a folder run never drops a file silently). Plain key=value
+overlay=true, `<stem>_overlay.png`; for a DICOM film also `<stem>_seg.dcm`, a DICOM
+Segmentation referencing it (dicom_seg=false turns it off); then `predictions.csv` and
+`skipped.csv` (films that could not be read or predicted, and SEGs that could not be
+written, with the reason: a folder run never drops a file silently). Plain key=value
 arguments rather than Hydra: there is no config tree to compose here.
 """
 
@@ -31,7 +34,7 @@ from spineseg.utils.io import atomic_open, atomic_write_text
 USAGE = (
     "usage: spineseg-predict run_dir=<dir> input=<file or folder> output=<dir> "
     "[rule=soft] [device=auto] [overlay=true] [postprocess=val|none|spine] [batch_size=8] "
-    "[progress=true]"
+    "[progress=true] [dicom_seg=true]"
 )
 DEFAULTS: dict[str, str | None] = {
     "run_dir": None,
@@ -43,6 +46,7 @@ DEFAULTS: dict[str, str | None] = {
     "postprocess": "val",
     "batch_size": "8",
     "progress": "true",
+    "dicom_seg": "true",  # a DICOM film also gets <stem>_seg.dcm (DICOM Segmentation)
 }
 COLUMNS = [
     "file",
@@ -72,7 +76,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
     missing = [k for k, v in opts.items() if v in (None, "")]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)}; {USAGE}")
-    for key in ("overlay", "progress"):
+    for key in ("overlay", "progress", "dicom_seg"):
         if opts[key].lower() not in _BOOL:
             raise ConfigError(f"{key}={opts[key]!r} must be true or false")
     if not opts["batch_size"].isdigit() or int(opts["batch_size"]) < 1:
@@ -143,7 +147,8 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
     """Predict every input film; returns (predicted, skipped, films per second)."""
     from tqdm import tqdm
 
-    from spineseg.data.io import read_image
+    from spineseg.data.io import is_dicom, read_image
+    from spineseg.dicom_seg import write_seg
     from spineseg.predict import load_ensemble
 
     source, out = Path(opts["input"]), Path(opts["output"])
@@ -159,6 +164,7 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
         opts["run_dir"], rule=opts["rule"], device=opts["device"], postprocess=post
     )
     draw = _BOOL[opts["overlay"].lower()]
+    seg = _BOOL[opts["dicom_seg"].lower()]
     batch_size = int(opts["batch_size"])
     rows: list[list[object]] = []
 
@@ -182,6 +188,11 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
         h, w = pred.shape
         unc = f"{float(pred.uncertainty.mean()):.6f}"
         rows.append([path.name, h, w, pixels, area, unc, ensemble.rule, ensemble.postprocess])
+        if seg and is_dicom(path):
+            try:  # the PNG stands; a SEG that cannot reference its film is listed, not fatal
+                write_seg(path, pred.labels, ensemble.target, out / f"{stem}_seg.dcm", opts["rule"])
+            except DataError as err:
+                skipped.append((path.name, f"DICOM SEG not written: {err.problem}"))
 
     started = time.perf_counter()
     pairs = list(zip(files, output_stems(files), strict=True))

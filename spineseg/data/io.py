@@ -45,12 +45,19 @@ def is_image_file(path: str | Path) -> bool:
     return suffix in IMAGE_EXTENSIONS or (suffix == "" and _has_dicom_preamble(path))
 
 
+def is_dicom(path: str | Path) -> bool:
+    """A DICOM file by extension, or without one by its preamble (PACS exports)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    return suffix in DICOM_EXTENSIONS or (suffix == "" and _has_dicom_preamble(path))
+
+
 def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Decode a film to HxW uint8/uint16 grayscale (bright = dense) and its (row, col)
     pixel spacing in mm when the file carries one (DICOM only)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in DICOM_EXTENSIONS or (suffix == "" and _has_dicom_preamble(path)):
+    if is_dicom(path):
         return _read_dicom(path)
     if suffix not in RASTER_EXTENSIONS:
         raise DataError(
