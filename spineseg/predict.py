@@ -184,14 +184,19 @@ class Ensemble:
             out = [m.probabilities(m(x)) for m in self.models]
             return torch.stack(out).cpu()
 
+    def fused(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 1, H, W) inputs -> the rule's scores (N, C, H, W) and the disagreement
+        (N, H, W); the ONNX engine computes the same in one graph."""
+        probs = self.model_probs(x)
+        scores = voting.fuse(self.rule, probs, weights=self.weights, threshold=self.threshold)
+        return scores, voting.disagreement(probs, self.threshold)
+
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Films of any sizes share the working resolution, so they run as one batch."""
         if not images:
             return []
         inputs = [self.to_input(im) for im in images]
-        probs = self.model_probs(torch.stack([x for x, _ in inputs]))
-        scores = voting.fuse(self.rule, probs, weights=self.weights, threshold=self.threshold)
-        spread = voting.disagreement(probs, self.threshold)
+        scores, spread = self.fused(torch.stack([x for x, _ in inputs]))
         return [
             self._to_original(scores[i].numpy(), spread[i].numpy(), g)
             for i, (_, g) in enumerate(inputs)

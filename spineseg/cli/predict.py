@@ -34,7 +34,7 @@ from spineseg.utils.io import atomic_open, atomic_write_text
 USAGE = (
     "usage: spineseg-predict run_dir=<dir> input=<file or folder> output=<dir> "
     "[rule=soft] [device=auto] [overlay=true] [postprocess=val|none|spine] [batch_size=8] "
-    "[progress=true] [dicom_seg=true]"
+    "[progress=true] [dicom_seg=true] [engine=torch|onnx model=<ensemble.onnx>]"
 )
 DEFAULTS: dict[str, str | None] = {
     "run_dir": None,
@@ -47,7 +47,10 @@ DEFAULTS: dict[str, str | None] = {
     "batch_size": "8",
     "progress": "true",
     "dicom_seg": "true",  # a DICOM film also gets <stem>_seg.dcm (DICOM Segmentation)
+    "engine": "torch",  # torch | onnx (a graph from spineseg-export, given as model=)
+    "model": "",
 }
+ENGINES = ("torch", "onnx")
 COLUMNS = [
     "file",
     "height",
@@ -73,7 +76,12 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
         if key not in DEFAULTS:
             raise ConfigError(choices_message("argument", key, list(DEFAULTS)))
         opts[key] = value
-    missing = [k for k, v in opts.items() if v in (None, "")]
+    if opts["engine"] not in ENGINES:
+        raise ConfigError(choices_message("engine", opts["engine"], list(ENGINES)))
+    optional = {"model", "run_dir"} if opts["engine"] == "onnx" else {"model"}
+    missing = [k for k, v in opts.items() if v in (None, "") and k not in optional]
+    if opts["engine"] == "onnx" and not opts["model"]:
+        missing.append("model")
     if missing:
         raise ConfigError(f"missing {', '.join(missing)}; {USAGE}")
     for key in ("overlay", "progress", "dicom_seg"):
@@ -160,9 +168,16 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
         )
     files, skipped = list_inputs(source)
     post = None if opts["postprocess"] == "val" else opts["postprocess"]
-    ensemble = load_ensemble(
-        opts["run_dir"], rule=opts["rule"], device=opts["device"], postprocess=post
-    )
+    if opts["engine"] == "onnx":  # the exported graph carries its rule and post-processing
+        from spineseg.onnx_export import OnnxEnsemble
+
+        ensemble = OnnxEnsemble(opts["model"], opts["run_dir"] or None)
+        if post is not None:
+            ensemble.postprocess = post
+    else:
+        ensemble = load_ensemble(
+            opts["run_dir"], rule=opts["rule"], device=opts["device"], postprocess=post
+        )
     draw = _BOOL[opts["overlay"].lower()]
     seg = _BOOL[opts["dicom_seg"].lower()]
     batch_size = int(opts["batch_size"])
@@ -190,7 +205,9 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
         rows.append([path.name, h, w, pixels, area, unc, ensemble.rule, ensemble.postprocess])
         if seg and is_dicom(path):
             try:  # the PNG stands; a SEG that cannot reference its film is listed, not fatal
-                write_seg(path, pred.labels, ensemble.target, out / f"{stem}_seg.dcm", opts["rule"])
+                write_seg(
+                    path, pred.labels, ensemble.target, out / f"{stem}_seg.dcm", ensemble.rule
+                )
             except DataError as err:
                 skipped.append((path.name, f"DICOM SEG not written: {err.problem}"))
 
@@ -230,13 +247,17 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
     return len(rows), len(skipped), rate
 
 
+def _which(opts: dict[str, str]) -> str:
+    return opts["rule"] if opts["engine"] == "torch" else f"exported ({opts['model']})"
+
+
 @one_line_errors
 def _main(argv: Sequence[str]) -> None:
     opts = parse_args(argv)
     done, skipped, rate = run(opts)
     note = f"; skipped {skipped} (see skipped.csv)" if skipped else ""
     print(
-        f"predicted {done} film(s) with the {opts['rule']} ensemble -> {opts['output']}"
+        f"predicted {done} film(s) with the {_which(opts)} ensemble -> {opts['output']}"
         f" (predictions.csv){note}; {rate:.1f} films/s"
     )
 

@@ -101,7 +101,7 @@ def _vote_fractions(votes: Tensor, num_classes: int) -> Tensor:
     )
 
 
-def _normalised_weights(weights: WeightsLike, k: int, device: torch.device) -> Tensor:
+def normalised_weights(weights: WeightsLike, k: int, device: torch.device) -> Tensor:
     """Validate and normalise to sum 1; bad weights are a config problem, so ConfigError."""
     if weights is None:
         raise ConfigError("voting rule 'weighted' needs weights (one per model)")
@@ -135,8 +135,13 @@ def hard_vote(probs: Tensor, *, weights: WeightsLike = None, threshold: float = 
 def weighted_vote(probs: Tensor, *, weights: WeightsLike = None, threshold: float = 0.5) -> Tensor:
     """Weighted mean probability; weights are normalised to sum 1 (e.g. validation Dice)."""
     probs = _as_probs(probs)
-    w = _normalised_weights(weights, probs.shape[0], probs.device)
-    return _finish(_within_inputs(torch.tensordot(w, probs, dims=1), probs))
+    return weighted_mean(probs, normalised_weights(weights, probs.shape[0], probs.device))
+
+
+def weighted_mean(probs: Tensor, weights: Tensor) -> Tensor:
+    """The weighted vote's computation, on weights already checked and normalised (no data-
+    dependent branch: the ONNX export traces it)."""
+    return _finish(_within_inputs(torch.tensordot(weights, probs, dims=1), probs))
 
 
 def _within_inputs(fused: Tensor, probs: Tensor) -> Tensor:

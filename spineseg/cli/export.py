@@ -1,0 +1,100 @@
+"""`spineseg-export run_dir=<dir> output=<file.onnx> [rule=soft] [check=true]`: the selected
+ensemble as one ONNX graph, then (check=true) onnxruntime against PyTorch on the run's
+stored test films, with the largest probability difference and the labels that differ."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from spineseg.cli.common import one_line_errors
+from spineseg.errors import ConfigError, StoreError, choices_message
+
+USAGE = "usage: spineseg-export run_dir=<dir> output=<file.onnx> [rule=soft] [check=true]"
+DEFAULTS: dict[str, str | None] = {"run_dir": None, "output": None, "rule": "soft", "check": "true"}
+#: onnxruntime against PyTorch: the largest |difference| of fused probabilities accepted.
+TOLERANCE = 1e-4
+
+
+def parse_args(argv: Sequence[str]) -> dict[str, str]:
+    opts = dict(DEFAULTS)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"argument {arg!r} is not key=value; {USAGE}")
+        if key not in DEFAULTS:
+            raise ConfigError(choices_message("argument", key, list(DEFAULTS)))
+        opts[key] = value
+    missing = [k for k, v in opts.items() if v in (None, "")]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)}; {USAGE}")
+    if opts["check"] not in ("true", "false"):
+        raise ConfigError(f"check={opts['check']!r} must be true or false")
+    return opts  # type: ignore[return-value]
+
+
+def compare(run_dir: Path, onnx_path: Path, rule: str, split: str = "test") -> dict[str, float]:
+    """PyTorch and onnxruntime on the stored films of `split` (the working-resolution
+    films the store keeps for overlays): max |Δp| and the share of labels that differ,
+    and of those, how many sit within TOLERANCE of the decision threshold."""
+    import torch
+
+    from spineseg.data import transforms as T
+    from spineseg.ensemble import voting
+    from spineseg.ensemble.store import PredictionStore
+    from spineseg.onnx_export import OnnxEnsemble
+    from spineseg.predict import load_ensemble
+
+    truth = PredictionStore(run_dir).truth(split)
+    if truth.images is None:
+        raise StoreError(f"{run_dir}: the {split!r} truth keeps no films to compare on")
+    ref, onx = load_ensemble(run_dir, rule=rule), OnnxEnsemble(onnx_path, run_dir)
+    worst, differ, near, pixels = 0.0, 0, 0, 0
+    t = ref.decision_threshold
+    for start in range(0, truth.n, 8):
+        films = torch.from_numpy(np.array(truth.images[start : start + 8])).float() / 255.0
+        x = ((films - T.GRAY_MEAN) / T.GRAY_STD)[:, None]
+        a, b = ref.fused(x)[0], onx.fused(x)[0]
+        worst = max(worst, float((a - b).abs().max()))
+        la, lb = voting.to_labels(a, t), voting.to_labels(b, t)
+        odd = la != lb
+        differ += int(odd.sum())
+        if a.shape[1] == 1:
+            near += int((odd & ((a[:, 0] - t).abs() <= TOLERANCE)).sum())
+        pixels += la.numel()
+    return {"films": truth.n, "max_abs_diff": worst, "labels_differ": differ,
+            "differ_at_threshold": near, "pixels": pixels}  # fmt: skip
+
+
+@one_line_errors
+def _main(argv: Sequence[str]) -> None:
+    from spineseg.onnx_export import export
+
+    opts = parse_args(argv)
+    out = export(opts["run_dir"], opts["output"], rule=opts["rule"])
+    print(f"exported the {opts['rule']} ensemble of {opts['run_dir']} -> {out}")
+    if opts["check"] == "true":
+        c = compare(Path(opts["run_dir"]), out, opts["rule"])
+        print(
+            f"onnxruntime vs PyTorch on {c['films']} stored test films: max |dp| = "
+            f"{c['max_abs_diff']:.2e} (tolerance {TOLERANCE:g}); labels differ on "
+            f"{c['labels_differ']} of {c['pixels']} pixels"
+        )
+        if c["max_abs_diff"] > TOLERANCE:
+            raise StoreError(f"{out}: onnxruntime differs from PyTorch by {c['max_abs_diff']:.2e}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    _main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
