@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from spineseg.ensemble import voting
+from spineseg.ensemble.quality import Limits
 from spineseg.errors import ConfigError, StoreError
 from spineseg.predict import Ensemble, Pipeline, load_ensemble
 from spineseg.utils.io import atomic_open
@@ -66,6 +67,7 @@ def describe(ens: Ensemble, set_id: str | None = None) -> dict[str, Any]:
         "postprocess": ens.postprocess,
         "models": ens.names,
         "set_id": set_id,
+        "quality": None if ens.limits is None else ens.limits.to_json(),
     }
 
 
@@ -148,6 +150,7 @@ class OnnxEnsemble(Ensemble):
         self.postprocess = check_names([meta.get("postprocess", "none")])[0]
         self.names, self.models, self.weights = list(meta["models"]), [], None
         self.device = torch.device("cpu")
+        self.limits = Limits.from_json(meta["quality"]) if meta.get("quality") else None
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -22,12 +22,14 @@ import torch
 
 from spineseg.data import geometry as G
 from spineseg.ensemble import voting
+from spineseg.ensemble.quality import Limits
 from spineseg.errors import ConfigError, DataError, StoreError, choices_message
 
 if TYPE_CHECKING:  # Lightning takes ~10 s to import: only once the run dir checks out
     from spineseg.models.module import SegmentationModule
 
 SELECTION = Path("ensemble") / "selection.json"
+QUALITY = Path("ensemble") / "quality.json"
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -149,6 +151,7 @@ class Ensemble:
         self.threshold = float(threshold)
         self.device = torch.device(device)
         self.postprocess = postprocess
+        self.limits: Limits | None = None  # quality flags' normal ranges, from validation
 
     @property
     def target(self) -> str:
@@ -274,7 +277,7 @@ def load_ensemble(
     modules = [_load_module(ckpt, dev) for ckpt in checkpoints]
     if any(m.target != pipeline.target for m in modules):
         raise StoreError(f"{sel_path}: a checkpoint's target differs from its config's")
-    return Ensemble(
+    ens = Ensemble(
         modules,
         names,
         pipeline,
@@ -284,3 +287,14 @@ def load_ensemble(
         device=dev,
         postprocess=postprocess,
     )
+    ens.limits = read_limits(run_dir, rule)
+    return ens
+
+
+def read_limits(run_dir: Path, rule: str) -> Limits | None:
+    """The quality flags' ranges `spineseg-ensemble` set on validation for `rule`, if any."""
+    path = run_dir / QUALITY
+    if not path.is_file():
+        return None
+    limits = (_read_json(path, "quality flags").get("limits") or {}).get(rule)
+    return None if limits is None else Limits.from_json(limits)

@@ -60,6 +60,8 @@ COLUMNS = [
     "mean_uncertainty",
     "rule",
     "postprocess",
+    "flag_score",  # > 1: outside the normal range validation set (see ensemble/quality.json)
+    "flag",  # why: members disagree, unusual area, unusual position, several pieces
 ]
 #: BGR contour colours: region, then Th8..Th11.
 COLOURS = [(0, 255, 0), (0, 0, 255), (0, 255, 255), (255, 128, 0), (255, 0, 255)]
@@ -157,6 +159,7 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
 
     from spineseg.data.io import is_dicom, read_image
     from spineseg.dicom_seg import write_seg
+    from spineseg.ensemble.quality import film_features, flag
     from spineseg.predict import load_ensemble
 
     source, out = Path(opts["input"]), Path(opts["output"])
@@ -202,7 +205,24 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
         area = "" if spacing is None else f"{pixels * spacing[0] * spacing[1]:.4f}"
         h, w = pred.shape
         unc = f"{float(pred.uncertainty.mean()):.6f}"
-        rows.append([path.name, h, w, pixels, area, unc, ensemble.rule, ensemble.postprocess])
+        score, reasons = "", ""
+        if ensemble.limits is not None:
+            value, why = flag(film_features(pred.labels, pred.uncertainty), ensemble.limits)
+            score, reasons = f"{value:.3f}", "; ".join(why)
+        rows.append(
+            [
+                path.name,
+                h,
+                w,
+                pixels,
+                area,
+                unc,
+                ensemble.rule,
+                ensemble.postprocess,
+                score,
+                reasons,
+            ]
+        )
         if seg and is_dicom(path):
             try:  # the PNG stands; a SEG that cannot reference its film is listed, not fatal
                 write_seg(

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from spineseg.checks import check_numbers
-from spineseg.ensemble import agreement, metrics, postprocess, stats, voting
+from spineseg.ensemble import agreement, metrics, postprocess, quality, stats, voting
 from spineseg.ensemble.selection import (
     Selection,
     ValidationView,
@@ -648,6 +648,20 @@ def _ensemble_into(
         )
     per_image = pd.concat(frames, ignore_index=True)
     results = summarize_results(per_image, spec, int(opts["n_boot"]), int(opts["seed"]), units)
+    # Quality flags: normal ranges from validation, then how well they catch poor results.
+    limits, flags_caught, flag_rows = quality.assess(
+        ValidationView(store).open(spec.models), evaluated, spec, selection.postprocess,
+        per_image, int(opts["chunk_size"]),
+    )  # fmt: skip
+    if flag_rows:
+        per_image = per_image.merge(
+            pd.DataFrame(flag_rows), on=["split", "method", "id"], how="left"
+        )
+    atomic_write_json(
+        out_dir / "quality.json",
+        _json_safe({"limits": {r: lim.to_json() for r, lim in limits.items()},
+                    "detection": flags_caught, "poor_dice": quality.POOR_DICE}),
+    )  # fmt: skip
     extra = {
         "run_dir": str(run_dir),
         "set_id": set_id,
@@ -655,6 +669,7 @@ def _ensemble_into(
         "n_images": n_images,
         "selection": selection.to_json(),
         "config": opts,
+        "quality": flags_caught,
     }
     write_outputs(out_dir, results, per_image, extra)
 

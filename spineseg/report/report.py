@@ -456,7 +456,37 @@ def _sections(data: RunData) -> list[Section]:
         for split in dict.fromkeys(table["split"]):
             part = table[table["split"] == split].drop(columns="split")
             c.tables.append((f"{split} (n = {part['n'].iloc[0]})", part.drop(columns="n")))
-    return [setup, a, failed, b, c]
+    return [setup, a, failed, b, c, quality_section(data)]
+
+
+def quality_table(detection: dict[str, dict[str, dict[str, Any]]]) -> pd.DataFrame:
+    """One row per rule and split: how many films are poor and flagged, and how well the
+    flags catch the poor ones."""
+    rows = []
+    for rule, splits in detection.items():
+        for split, d in splits.items():
+            rows.append(
+                {"split": split, "rule": rule, "films": d["n"], "poor": d["n_poor"],
+                 "flagged": d["n_flagged"], "sensitivity": _f(d["sensitivity"], 3),
+                 "specificity": _f(d["specificity"], 3), "AUROC": _f(d["auroc"], 3)}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def quality_section(data: RunData) -> Section:
+    q = Section("Table 4. Quality flags")
+    detection = data.results_json.get("quality")
+    if not detection:
+        q.text.append("Not available: the ensemble step has not run (or predates the flags).")
+        return q
+    q.text.append(
+        "A film is flagged, without its truth, when the members disagree, or its region's area "
+        "or position lies outside the validation truth's 95% range, or it comes in several "
+        "pieces (ranges in ensemble/quality.json, set on validation only). Poor: Dice < 0.7. "
+        "AUROC is that of the flag score for poor films."
+    )
+    q.tables.append(("", quality_table(detection)))
+    return q
 
 
 def _markdown(data: RunData, sections: list[Section], figures: dict[str, Path]) -> str:
