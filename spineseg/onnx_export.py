@@ -68,6 +68,7 @@ def describe(ens: Ensemble, set_id: str | None = None) -> dict[str, Any]:
         "models": ens.names,
         "set_id": set_id,
         "quality": None if ens.limits is None else ens.limits.to_json(),
+        "temperature": ens.temperature,
     }
 
 
@@ -151,6 +152,7 @@ class OnnxEnsemble(Ensemble):
         self.names, self.models, self.weights = list(meta["models"]), [], None
         self.device = torch.device("cpu")
         self.limits = Limits.from_json(meta["quality"]) if meta.get("quality") else None
+        self.temperature = meta.get("temperature")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

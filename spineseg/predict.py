@@ -22,6 +22,7 @@ import torch
 
 from spineseg.data import geometry as G
 from spineseg.ensemble import voting
+from spineseg.ensemble.calibration import scaled
 from spineseg.ensemble.quality import Limits
 from spineseg.errors import ConfigError, DataError, StoreError, choices_message
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # Lightning takes ~10 s to import: only once the run dir chec
 
 SELECTION = Path("ensemble") / "selection.json"
 QUALITY = Path("ensemble") / "quality.json"
+CALIBRATION = Path("ensemble") / "calibration.json"
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -62,7 +64,7 @@ class Pipeline:
 class Prediction:
     """One film's result, at the film's original resolution."""
 
-    probability: np.ndarray  # float32 HxW: P(region), or the max foreground class score
+    probability: np.ndarray  # float32 HxW: P(region) or the top foreground class, calibrated
     labels: np.ndarray  # uint8 HxW: region 0/1, vertebrae 0..4
     uncertainty: np.ndarray  # float32 HxW: model disagreement in [0, 1]
 
@@ -152,6 +154,7 @@ class Ensemble:
         self.device = torch.device(device)
         self.postprocess = postprocess
         self.limits: Limits | None = None  # quality flags' normal ranges, from validation
+        self.temperature: float | None = None  # the rule's, fitted on validation
 
     @property
     def target(self) -> str:
@@ -216,11 +219,12 @@ class Ensemble:
         full = G.to_original(np.ascontiguousarray(scores, dtype=np.float32), g)
         full = full.reshape(-1, g.orig_h, g.orig_w)
         if full.shape[0] == 1:
-            probability = full[0]
-            labels = (probability > self.decision_threshold).astype(np.uint8)
+            labels = (full[0] > self.decision_threshold).astype(np.uint8)
         else:
-            probability = full[1:].max(axis=0)
             labels = voting.to_labels(torch.from_numpy(full[None])).numpy()[0]
+        if self.temperature is not None:  # calibrated on validation; the decision stays
+            full = scaled(torch.from_numpy(full[None]), self.temperature).numpy()[0]
+        probability = full[0] if full.shape[0] == 1 else full[1:].max(axis=0)
         labels = apply(self.postprocess, labels)
         uncertainty = G.to_original(np.ascontiguousarray(spread, dtype=np.float32), g)
         return Prediction(
@@ -288,7 +292,17 @@ def load_ensemble(
         postprocess=postprocess,
     )
     ens.limits = read_limits(run_dir, rule)
+    ens.temperature = read_temperature(run_dir, rule)
     return ens
+
+
+def read_temperature(run_dir: Path, rule: str) -> float | None:
+    """The temperature `spineseg-ensemble` fitted on validation for `rule`, if any."""
+    path = run_dir / CALIBRATION
+    if not path.is_file():
+        return None
+    value = (_read_json(path, "calibration").get("temperatures") or {}).get(rule)
+    return None if value is None else float(value)
 
 
 def read_limits(run_dir: Path, rule: str) -> Limits | None:

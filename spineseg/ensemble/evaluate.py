@@ -23,7 +23,15 @@ import pandas as pd
 import torch
 
 from spineseg.checks import check_numbers
-from spineseg.ensemble import agreement, metrics, postprocess, quality, stats, voting
+from spineseg.ensemble import (
+    agreement,
+    calibration,
+    metrics,
+    postprocess,
+    quality,
+    stats,
+    voting,
+)
 from spineseg.ensemble.selection import (
     Selection,
     ValidationView,
@@ -56,6 +64,7 @@ RESULT_COLUMNS = (
     "level_error_rate", "level_error_ci_low", "level_error_ci_high", "level_n",
     "level_offset_abs_mean", "four_in_order_rate",
     "rel_improvement_pct", "p_value_vs_best_single", "distance_unit",
+    "temperature", "ece", "ece_calibrated",
 )  # fmt: skip
 
 DEFAULTS: dict[str, Any] = {
@@ -578,6 +587,25 @@ def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
     return results
 
 
+def _with_calibration(results: pd.DataFrame, calibrated: Mapping[str, Any]) -> pd.DataFrame:
+    """results gain `temperature`, `ece` and `ece_calibrated` for each rule and model (the
+    rows of post-processed labels share their rule's probabilities: left empty)."""
+    rows = [
+        {
+            "split": split,
+            "method": name,
+            **{k: c[k] for k in ("temperature", "ece", "ece_calibrated")},
+        }
+        for split, names in calibrated.items()
+        for name, c in names.items()
+    ]
+    cols = ["temperature", "ece", "ece_calibrated"]
+    merged = results.drop(columns=cols).merge(
+        pd.DataFrame(rows), on=["split", "method"], how="left"
+    )
+    return merged.reindex(columns=list(results.columns))
+
+
 def _ensemble_into(
     out_dir: Path,
     run_dir: Path,
@@ -648,11 +676,20 @@ def _ensemble_into(
         )
     per_image = pd.concat(frames, ignore_index=True)
     results = summarize_results(per_image, spec, int(opts["n_boot"]), int(opts["seed"]), units)
+    val = ValidationView(store).open(spec.models)
+    chunk = int(opts["chunk_size"])
+    # Temperatures fitted on validation; ECE before and after on every split.
+    temperatures = calibration.fit(val, spec, chunk)
+    calibrated = calibration.assess({"val": val, **evaluated}, spec, temperatures, chunk)
+    atomic_write_json(
+        out_dir / "calibration.json",
+        _json_safe({"temperatures": temperatures, "splits": calibrated}),
+    )
+    results = _with_calibration(results, calibrated)
     # Quality flags: normal ranges from validation, then how well they catch poor results.
     limits, flags_caught, flag_rows = quality.assess(
-        ValidationView(store).open(spec.models), evaluated, spec, selection.postprocess,
-        per_image, int(opts["chunk_size"]),
-    )  # fmt: skip
+        val, evaluated, spec, selection.postprocess, per_image, chunk
+    )
     if flag_rows:
         per_image = per_image.merge(
             pd.DataFrame(flag_rows), on=["split", "method", "id"], how="left"
@@ -670,6 +707,13 @@ def _ensemble_into(
         "selection": selection.to_json(),
         "config": opts,
         "quality": flags_caught,
+        "calibration": {
+            split: {
+                n: {k: v for k, v in c.items() if not k.startswith("curve")}
+                for n, c in names.items()
+            }
+            for split, names in calibrated.items()
+        },
     }
     write_outputs(out_dir, results, per_image, extra)
 
@@ -678,6 +722,14 @@ def _ensemble_into(
     if opts["figures"]:
         from spineseg.report import figures as fig
 
+        shown = [r for r in ("soft", spec.rules[0]) if r in spec.rules][:1]
+        shown += [f"{MODEL_PREFIX}{spec.best_single}"]
+        for split, names in calibrated.items():
+            figures[f"reliability_{split}"] = fig.plot_reliability(
+                {n: names[n] for n in shown if n in names},
+                out_dir / "figures" / f"reliability_{split}.png",
+                title=split,
+            )
         for split, data in evaluated.items():
             sub_r = results[results["split"] == split]
             sub_p = per_image[per_image["split"] == split]

@@ -145,3 +145,28 @@ def plot_overlay_gallery(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def plot_reliability(
+    curves: dict[str, dict[str, Any]], path: str | Path, title: str | None = None
+) -> Path:
+    """Reliability diagrams (mean confidence against observed frequency per bin) before
+    and after temperature scaling, one line per model or rule; the diagonal is perfect."""
+    fig = Figure(figsize=(9.0, 4.2))
+    for i, (key, label) in enumerate((("curve", "before"), ("curve_calibrated", "after")), 1):
+        ax = fig.add_subplot(1, 2, i)
+        ax.plot([0, 1], [0, 1], color="black", linewidth=0.8, linestyle=":")
+        for name, c in curves.items():
+            conf = np.asarray(c[key]["confidence"], dtype=float)
+            acc = np.asarray(c[key]["accuracy"], dtype=float)
+            ok = np.isfinite(conf) & np.isfinite(acc)
+            ece = c["ece" if key == "curve" else "ece_calibrated"]
+            ax.plot(conf[ok], acc[ok], marker="o", markersize=3, linewidth=1,
+                    label=f"{name} (ECE {ece:.3f})")  # fmt: skip
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("observed frequency")
+        ax.set_title(f"{title + ': ' if title else ''}{label} temperature scaling", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    return save_figure(fig, path)

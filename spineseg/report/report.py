@@ -392,6 +392,11 @@ def make_figures(data: RunData, out_dir: Path) -> dict[str, Path]:
                 title=f"per-image Dice, {split}",
                 order=order,
             )
+    for src in sorted((data.run_dir / "ensemble" / "figures").glob("reliability_*.png")):
+        split = src.stem.removeprefix("reliability_")
+        out[f"Reliability, {split}: before and after temperature scaling"] = _copy(
+            src, out_dir / src.name
+        )
     for src in sorted((data.run_dir / "ensemble" / "figures").glob("gallery_*.png")):
         split = src.stem.removeprefix("gallery_")
         out[f"Best and worst {split} images (soft vote): truth, prediction, disagreement"] = _copy(
@@ -456,7 +461,28 @@ def _sections(data: RunData) -> list[Section]:
         for split in dict.fromkeys(table["split"]):
             part = table[table["split"] == split].drop(columns="split")
             c.tables.append((f"{split} (n = {part['n'].iloc[0]})", part.drop(columns="n")))
-    return [setup, a, failed, b, c, quality_section(data)]
+    return [setup, a, failed, b, c, quality_section(data), calibration_section(data)]
+
+
+def calibration_section(data: RunData) -> Section:
+    cal = Section("Table 5. Calibration")
+    splits = data.results_json.get("calibration")
+    if not splits:
+        cal.text.append("Not available: the ensemble step has not run (or predates it).")
+        return cal
+    cal.text.append(
+        "Expected calibration error (15 bins, every pixel) before and after temperature "
+        "scaling; one temperature per model and per rule, fitted on validation only "
+        "(the val rows show the fit itself). Scaling keeps each decision at 0.5."
+    )
+    rows = [
+        {"split": split, "model or rule": name, "T": _f(c["temperature"], 3),
+         "ECE": _f(c["ece"], 4), "ECE calibrated": _f(c["ece_calibrated"], 4)}
+        for split, names in splits.items()
+        for name, c in names.items()
+    ]  # fmt: skip
+    cal.tables.append(("", pd.DataFrame(rows)))
+    return cal
 
 
 def quality_table(detection: dict[str, dict[str, dict[str, Any]]]) -> pd.DataFrame:
