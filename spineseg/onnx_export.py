@@ -1,5 +1,6 @@
 """The selected ensemble as one ONNX graph: normalised working-resolution films (dynamic
-batch) -> every member -> the voting rule -> the fused probability and the disagreement map.
+batch) -> every member (with the test-time augmentation validation chose) -> the voting
+rule -> the fused probability and the disagreement map.
 
 onnxruntime then runs it without PyTorch models (`spineseg-predict engine=onnx`). The graph
 carries what it was built from (the pipeline, the rule and its threshold, the members, the
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spineseg.ensemble import tta as TTA
 from spineseg.ensemble import voting
 from spineseg.ensemble.quality import Limits
 from spineseg.errors import ConfigError, StoreError
@@ -35,14 +37,16 @@ class EnsembleGraph(nn.Module):
     def __init__(self, ens: Ensemble) -> None:
         super().__init__()
         self.members = nn.ModuleList(ens.models)
-        self.rule, self.threshold = ens.rule, ens.threshold
+        self.rule, self.threshold, self.tta = ens.rule, ens.threshold, ens.tta
         if ens.rule == "weighted":  # checked here, once: a traced graph cannot branch on them
             self.register_buffer(
                 "w", voting.normalised_weights(ens.weights, len(ens.models), "cpu")
             )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.stack([m.probabilities(m(x)) for m in self.members])
+        probs = torch.stack(
+            [TTA.apply(lambda z, m=m: m.probabilities(m(z)), x, self.tta) for m in self.members]
+        )
         if self.rule == "weighted":
             fused = voting.weighted_mean(probs, self.w)
         else:
@@ -69,6 +73,7 @@ def describe(ens: Ensemble, set_id: str | None = None) -> dict[str, Any]:
         "set_id": set_id,
         "quality": None if ens.limits is None else ens.limits.to_json(),
         "temperature": ens.temperature,
+        "tta": ens.tta,
     }
 
 
@@ -153,6 +158,7 @@ class OnnxEnsemble(Ensemble):
         self.device = torch.device("cpu")
         self.limits = Limits.from_json(meta["quality"]) if meta.get("quality") else None
         self.temperature = meta.get("temperature")
+        self.tta = meta.get("tta", "none")  # inside the graph already
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from spineseg.data import geometry as G
+from spineseg.ensemble import tta as TTA
 from spineseg.ensemble import voting
 from spineseg.ensemble.calibration import scaled
 from spineseg.ensemble.quality import Limits
@@ -155,6 +156,7 @@ class Ensemble:
         self.postprocess = postprocess
         self.limits: Limits | None = None  # quality flags' normal ranges, from validation
         self.temperature: float | None = None  # the rule's, fitted on validation
+        self.tta = "none"  # the test-time augmentation validation chose (selection.json)
 
     @property
     def target(self) -> str:
@@ -187,7 +189,9 @@ class Ensemble:
         """(N, 1, H, W) inputs -> every model's probabilities (K, N, C, H, W) on the CPU."""
         x = x.to(self.device)
         with torch.inference_mode():
-            out = [m.probabilities(m(x)) for m in self.models]
+            out = [
+                TTA.apply(lambda z, m=m: m.probabilities(m(z)), x, self.tta) for m in self.models
+            ]
             return torch.stack(out).cpu()
 
     def fused(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,6 +295,7 @@ def load_ensemble(
         device=dev,
         postprocess=postprocess,
     )
+    ens.tta = TTA.check(str(selection.get("tta", "none")))
     ens.limits = read_limits(run_dir, rule)
     ens.temperature = read_temperature(run_dir, rule)
     return ens

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spineseg.checks import check_run
 from spineseg.data.datamodule import SpineDataModule
+from spineseg.ensemble import tta as TTA
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import RefusedError
 from spineseg.labels import STORED_TARGET
@@ -242,14 +243,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module.eval()
     val = trainer.validate(module, datamodule=dm, verbose=False)[0]
     tests = trainer.test(module, datamodule=dm, verbose=False)
-    outputs = trainer.predict(module, dataloaders=dm.predict_dataloader())
-    if len(dm.split_names) == 1:
-        outputs = [outputs]
     digests = {}
-    for split, batches in zip(dm.split_names, outputs, strict=True):
-        probs = torch.cat([b["probs"] for b in batches]).numpy()
-        ids = [i for b in batches for i in b["ids"]]
-        digests[split] = file_digest(store.write_probs(name, split, probs, ids))
+    for variant in ("none", *TTA.STORED):  # plain, then each test-time augmentation
+        module.tta = variant
+        outputs = trainer.predict(module, dataloaders=dm.predict_dataloader())
+        if len(dm.split_names) == 1:
+            outputs = [outputs]
+        for split, batches in zip(dm.split_names, outputs, strict=True):
+            probs = torch.cat([b["probs"] for b in batches]).numpy()
+            ids = [i for b in batches for i in b["ids"]]
+            path = store.write_probs(name, split, probs, ids, tta=variant)
+            digests[f"{split}{TTA.suffix(variant)}"] = file_digest(path)
+    module.tta = "none"
 
     metrics = {k.split("/", 1)[1]: float(v) for k, v in val.items() if k.startswith("val/")}
     test_metrics = {k: float(v) for d in tests for k, v in d.items()}

@@ -307,7 +307,8 @@ def test_a_damaged_prediction_file_is_excluded_never_scored(finished: Path, tmp_
     run = tmp_path / "run"
     shutil.copytree(finished / "out" / "faults" / "default", run)
     store = PredictionStore(run)
-    assert store.read_manifest("unet_lite0")["digests"].keys() == {"val", "test", "external"}
+    digests = store.read_manifest("unet_lite0")["digests"]
+    assert digests.keys() == {f"{s}{v}" for s in ("val", "test", "external") for v in ("", "+flip")}
     assert candidate_models(store) == ["unet_lite0"]  # intact: verified, kept
     path = store.probs_path("unet_lite0", "test")
     raw = bytearray(path.read_bytes())

@@ -15,7 +15,7 @@ from test_predict import film, make_run
 
 from spineseg.cli.predict import main as predict
 from spineseg.ensemble.evaluate import run_ensemble
-from spineseg.ensemble.quality import Limits, detection, film_features, flag, fit_limits
+from spineseg.ensemble.quality import Limits, detection, film_features, fit_limits, flag
 from spineseg.report.report import build_report
 
 LIMITS = Limits(disagreement=0.5, area=(0.05, 0.15), position=(0.4, 0.6))

@@ -30,6 +30,7 @@ from spineseg.ensemble import (
     postprocess,
     quality,
     stats,
+    tta,
     voting,
 )
 from spineseg.ensemble.selection import (
@@ -81,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "splits": ["test", "external"],
     "postprocess": ["spine"],
+    "tta": "val",
     "figures": True,
     "gallery_n": 4,
     "wandb": {
@@ -140,6 +142,8 @@ def ensemble_config(cfg: Any = None) -> dict[str, Any]:
         if rule not in voting.RULES:
             raise ConfigError(choices_message("voting rule", rule, list(voting.RULES)))
     out["postprocess"] = postprocess.check_names([p for p in out["postprocess"] if p != "none"])
+    if out["tta"] != "val":
+        tta.check(str(out["tta"]))
     out["splits"] = list(out["splits"])
     for split in out["splits"]:
         if split not in SPLITS:
@@ -496,6 +500,33 @@ def candidate_models(store: PredictionStore) -> list[str]:
     return keep
 
 
+def choose_tta(
+    store: PredictionStore, spec: EnsembleSpec, wanted: str, chunk_size: int = 16
+) -> tuple[str, dict[str, dict[str, float]]]:
+    """The test-time augmentation to use: `wanted`, or with `val` the stored variant whose
+    soft vote (else the first rule) has the best mean validation Dice; a tie keeps none.
+    Returns the choice and every variant's val Dice per rule."""
+    have = [v for v in tta.VARIANTS if store.has_tta(spec.models, "val", v)]
+    if wanted != "val":
+        if wanted not in have:
+            raise StoreError(
+                f"ensemble.tta={wanted}: a selected model has no {wanted!r} predictions "
+                f"(trained before they were stored?); valid choices here: {', '.join(have)}"
+            )
+        return wanted, {}
+    scores: dict[str, dict[str, float]] = {}
+    for variant in have:
+        data = store.open_split(spec.models, "val", variant)
+        per_image = evaluate_arrays(
+            "val", [data.probs[m] for m in spec.models], data.truth.masks, data.truth.ids,
+            spec, chunk_size=chunk_size, distances=False, post=(),
+        )  # fmt: skip
+        means = per_image.groupby("method")["dice"].mean()
+        scores[variant] = {rule: float(means[rule]) for rule in spec.rules}
+    rule = "soft" if "soft" in spec.rules else spec.rules[0]
+    return max(have, key=lambda v: (scores[v][rule], v == "none")), scores
+
+
 def choose_postprocess(
     view: ValidationView, spec: EnsembleSpec, post: Sequence[str], chunk_size: int = 16
 ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
@@ -626,14 +657,18 @@ def _ensemble_into(
         chunk_size=int(opts["chunk_size"]),
     )
     spec = EnsembleSpec.from_selection(selection, opts["rules"], float(opts["threshold"]))
-    selection.postprocess, selection.postprocess_scores = choose_postprocess(
-        ValidationView(store), spec, opts["postprocess"], int(opts["chunk_size"])
+    selection.tta, selection.tta_scores = choose_tta(
+        store, spec, str(opts["tta"]), int(opts["chunk_size"])
     )
+    selection.postprocess, selection.postprocess_scores = choose_postprocess(
+        ValidationView(store, tta=selection.tta), spec, opts["postprocess"],
+        int(opts["chunk_size"]),
+    )  # fmt: skip
     save_selection(selection, out_dir / "selection.json", set_id)
 
     frames, units, n_images, evaluated = [], {}, {}, {}
     for split in opts["splits"]:
-        have = [m for m in spec.models if split in store.splits_of(m)]
+        have = [m for m in spec.models if store.has_tta([m], split, selection.tta)]
         if not have and not store.has_truth(split):
             log.info("split %r is not in the store: skipped", split)
             continue
@@ -644,7 +679,7 @@ def _ensemble_into(
                 stacklevel=2,
             )
             continue
-        data = store.open_split(spec.models, split)
+        data = store.open_split(spec.models, split, selection.tta)
         spacing = data.truth.distance_spacing
         units[split] = "mm" if spacing is not None else "px"
         n_images[split] = data.truth.n
@@ -676,7 +711,7 @@ def _ensemble_into(
         )
     per_image = pd.concat(frames, ignore_index=True)
     results = summarize_results(per_image, spec, int(opts["n_boot"]), int(opts["seed"]), units)
-    val = ValidationView(store).open(spec.models)
+    val = ValidationView(store, tta=selection.tta).open(spec.models)
     chunk = int(opts["chunk_size"])
     # Temperatures fitted on validation; ECE before and after on every split.
     temperatures = calibration.fit(val, spec, chunk)

@@ -47,10 +47,10 @@ class ValidationView:
 
     __slots__ = ("_manifest", "_models", "_open", "_splits_of")
 
-    def __init__(self, store: PredictionStore, split: str = VAL) -> None:
+    def __init__(self, store: PredictionStore, split: str = VAL, tta: str = "none") -> None:
         if split != VAL:
             raise ConfigError(f"selection uses the validation split only, not {split!r}")
-        self._open = lambda models: store.open_split(models, VAL)
+        self._open = lambda models: store.open_split(models, VAL, tta)
         self._models = store.models
         self._splits_of = store.splits_of
         self._manifest = store.read_manifest
@@ -88,6 +88,9 @@ class Selection:
     #: rule -> post-processing chosen on validation, and every candidate's val Dice
     postprocess: dict[str, str] = field(default_factory=dict)
     postprocess_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: the test-time augmentation used (chosen on validation), and each variant's val Dice
+    tta: str = "none"
+    tta_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

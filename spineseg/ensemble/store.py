@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spineseg.ensemble.tta import suffix as tta_suffix
 from spineseg.errors import StoreError
 from spineseg.utils.io import atomic_savez, atomic_write_json, file_digest
 
@@ -117,8 +118,9 @@ class PredictionStore:
         _check_model_name(model)
         return self.root / model
 
-    def probs_path(self, model: str, split: str) -> Path:
-        return self.model_dir(model) / f"{_check_split(split)}.npz"
+    def probs_path(self, model: str, split: str, tta: str = "none") -> Path:
+        """`<split>.npz`, or `<split>+flip.npz` for a test-time-augmented variant."""
+        return self.model_dir(model) / f"{_check_split(split)}{tta_suffix(tta)}.npz"
 
     def truth_path(self, split: str) -> Path:
         return self.root / TRUTH_DIR / f"{_check_split(split)}.npz"
@@ -127,9 +129,11 @@ class PredictionStore:
         return self.model_dir(model) / "manifest.json"
 
     # ------------------------------------------------------------------ writing
-    def write_probs(self, model: str, split: str, probs: Any, ids: Sequence[str]) -> Path:
+    def write_probs(
+        self, model: str, split: str, probs: Any, ids: Sequence[str], tta: str = "none"
+    ) -> Path:
         """Validate (float, 4-D, finite, in [0,1]) and store as float16 with the ids."""
-        path = self.probs_path(model, split)
+        path = self.probs_path(model, split, tta)
         where = f"model {model!r} split {split!r}"
         arr = _as_numpy(probs)
         if arr.ndim != 4:
@@ -283,28 +287,31 @@ class PredictionStore:
         once per file and version in a process; a mismatch is a StoreError naming the file.
         Manifests written before digests were recorded are not checked."""
         recorded = (self.read_manifest(model) or {}).get("digests") or {}
-        for split in splits:
-            if split not in recorded:
+        for name, digest in recorded.items():
+            split, _, variant = name.partition("+")  # val, val+flip, ...
+            if split not in splits:
                 continue
-            path = self.probs_path(model, split)
+            path = self.probs_path(model, split, variant or "none")
+            if not path.is_file():
+                continue
             st = path.stat()
-            key = (str(path), st.st_size, st.st_mtime_ns, recorded[split])
+            key = (str(path), st.st_size, st.st_mtime_ns, digest)
             if key in _VERIFIED:
                 continue
             actual = file_digest(path)
-            if actual != recorded[split]:
+            if actual != digest:
                 raise StoreError(
                     f"{path}: damaged (its bytes give {actual}, the manifest recorded "
-                    f"{recorded[split]}); retrain the model (delete {path.parent}) to replace it"
+                    f"{digest}); retrain the model (delete {path.parent}) to replace it"
                 )
             _VERIFIED.add(key)
 
-    def probs(self, model: str, split: str, mmap: bool = True) -> np.ndarray:
+    def probs(self, model: str, split: str, mmap: bool = True, tta: str = "none") -> np.ndarray:
         """(N,C,H,W) float16, memory-mapped unless `mmap` is False (or the member is
         compressed), so a chunk costs memory only when it is sliced out."""
-        path = self._existing(self.probs_path(model, split), f"model {model!r}", split)
+        path = self._existing(self.probs_path(model, split, tta), f"model {model!r}", split)
         arr = _read_member(path, "probs", mmap)
-        ids = self.ids(model, split)
+        ids = self.ids(model, split, tta)
         if arr.ndim != 4 or arr.shape[1] not in CHANNELS or arr.dtype != np.float16:
             raise StoreError(
                 f"{path}: probs must be float16 (N,C,H,W) with C in 1|5, got "
@@ -314,8 +321,8 @@ class PredictionStore:
             raise StoreError(f"{path}: {arr.shape[0]} probability maps but {len(ids)} ids")
         return arr
 
-    def ids(self, model: str, split: str) -> np.ndarray:
-        path = self._existing(self.probs_path(model, split), f"model {model!r}", split)
+    def ids(self, model: str, split: str, tta: str = "none") -> np.ndarray:
+        path = self._existing(self.probs_path(model, split, tta), f"model {model!r}", split)
         return _read_ids(path)
 
     def truth(self, split: str) -> Truth:
@@ -339,23 +346,27 @@ class PredictionStore:
     def has_truth(self, split: str) -> bool:
         return self.truth_path(split).is_file()
 
-    def open_split(self, models: Sequence[str], split: str) -> SplitData:
+    def has_tta(self, models: Sequence[str], split: str, tta: str) -> bool:
+        """Whether every model stored `split` under the test-time augmentation `tta`."""
+        return all(self.probs_path(m, split, tta).is_file() for m in models)
+
+    def open_split(self, models: Sequence[str], split: str, tta: str = "none") -> SplitData:
         """The truth and every model's memmap of `split`, after checking that ids, image
         sizes and channel counts agree; errors name the model, split and first odd id."""
         if not models:
             raise StoreError(f"split {split!r}: no models to read")
-        missing = [m for m in models if not self.probs_path(m, split).is_file()]
+        missing = [m for m in models if not self.probs_path(m, split, tta).is_file()]
         if missing:
             raise StoreError(
                 f"split {split!r} is missing for model(s) {', '.join(missing)} "
-                f"(e.g. {self.probs_path(missing[0], split)})"
+                f"(e.g. {self.probs_path(missing[0], split, tta)})"
             )
         truth = self.truth(split)
         probs: dict[str, np.ndarray] = {}
         channels: int | None = None
         for model in models:
-            check_ids(self.ids(model, split), truth.ids, model, split)
-            arr = self.probs(model, split)
+            check_ids(self.ids(model, split, tta), truth.ids, model, split)
+            arr = self.probs(model, split, tta=tta)
             if arr.shape[2:] != truth.masks.shape[1:]:
                 raise StoreError(
                     f"model {model!r} split {split!r}: probability maps are "

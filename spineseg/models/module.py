@@ -15,6 +15,7 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
+from spineseg.ensemble import tta as TTA
 from spineseg.labels import CHANNELS, STORED_TARGET, TARGET_VALUES, check_target
 from spineseg.models import levels as LV
 from spineseg.models.factory import build_model
@@ -111,6 +112,7 @@ class SegmentationModule(L.LightningModule):
             [metrics.clone(prefix="test/"), metrics.clone(prefix="external/")]
         )
         self._channels_last = False
+        self.tta = "none"  # what predict_step applies (spineseg.ensemble.tta); not a weight
 
     # ------------------------------------------------------------------ core
     @property
@@ -187,7 +189,7 @@ class SegmentationModule(L.LightningModule):
             metrics.reset()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        probs = self.probabilities(self(batch["image"]))
+        probs = TTA.apply(lambda x: self.probabilities(self(x)), batch["image"], self.tta)
         return {"probs": probs.to(torch.float16).cpu(), "ids": list(batch["id"])}
 
     # ------------------------------------------------------------------ optimisation
