@@ -322,3 +322,23 @@ def test_vertebrae_masks_become_one_segment_per_vertebra(tmp_path):
     np.testing.assert_array_equal(
         seg.get_pixels_by_source_instance([uid], combine_segments=True)[0], labels
     )
+
+
+def test_the_probability_map_is_written_and_a_small_film_is_flagged(tmp_path, run_dir, capsys):
+    src = tmp_path / "films"
+    src.mkdir()
+    cv2.imwrite(str(src / "big.png"), film(150, 70))
+    cv2.imwrite(str(src / "tiny.png"), film(40, 30))  # below the 64x64 working resolution
+    out = tmp_path / "out"
+    assert cli_main([f"run_dir={run_dir}", f"input={src}", f"output={out}", "progress=false"]) == 0
+    prob = cv2.imread(str(out / "big_prob.png"), cv2.IMREAD_UNCHANGED)
+    assert prob.dtype == np.uint16 and prob.shape == (150, 70)
+    expected = load_ensemble(run_dir).predict(cv2.imread(str(src / "big.png"), 0)).probability
+    np.testing.assert_allclose(prob / 65535, expected, atol=1 / 65535)
+    assert "tiny.png: 40x30 film is smaller than the working resolution 64x64" in (
+        capsys.readouterr().err
+    )
+    with open(out / "predictions.csv") as fh:
+        rows = {r["file"]: r for r in csv.DictReader(fh)}
+    assert "smaller than the working resolution" in rows["tiny.png"]["flag"]
+    assert "smaller" not in rows["big.png"]["flag"]

@@ -7,7 +7,8 @@ when there is one), with a progress bar and the films per second at the end.
 postprocess=val (the default) uses the post-processing validation chose for the rule.
 
 Per film it writes `<stem>_mask.png` (region 0/255; vertebrae labels 0..4) and, with
-overlay=true, `<stem>_overlay.png`; for a DICOM film also `<stem>_seg.dcm`, a DICOM
+overlay=true, `<stem>_overlay.png`; with probability=true, `<stem>_prob.png` (the calibrated
+probability, 16-bit: p = value / 65535); for a DICOM film also `<stem>_seg.dcm`, a DICOM
 Segmentation referencing it (dicom_seg=false turns it off); then `predictions.csv` and
 `skipped.csv` (films that could not be read or predicted, and SEGs that could not be
 written, with the reason: a folder run never drops a file silently). Plain key=value
@@ -34,7 +35,7 @@ from spineseg.utils.io import atomic_open, atomic_write_text
 USAGE = (
     "usage: spineseg-predict run_dir=<dir> input=<file or folder> output=<dir> "
     "[rule=soft] [device=auto] [overlay=true] [postprocess=val|none|spine] [batch_size=8] "
-    "[progress=true] [dicom_seg=true] [engine=torch|onnx model=<ensemble.onnx>]"
+    "[progress=true] [dicom_seg=true] [probability=true] [engine=torch|onnx model=<ensemble.onnx>]"
 )
 DEFAULTS: dict[str, str | None] = {
     "run_dir": None,
@@ -47,6 +48,7 @@ DEFAULTS: dict[str, str | None] = {
     "batch_size": "8",
     "progress": "true",
     "dicom_seg": "true",  # a DICOM film also gets <stem>_seg.dcm (DICOM Segmentation)
+    "probability": "true",  # <stem>_prob.png: the calibrated probability, 16-bit
     "engine": "torch",  # torch | onnx (a graph from spineseg-export, given as model=)
     "model": "",
 }
@@ -86,7 +88,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
         missing.append("model")
     if missing:
         raise ConfigError(f"missing {', '.join(missing)}; {USAGE}")
-    for key in ("overlay", "progress", "dicom_seg"):
+    for key in ("overlay", "progress", "dicom_seg", "probability"):
         if opts[key].lower() not in _BOOL:
             raise ConfigError(f"{key}={opts[key]!r} must be true or false")
     if not opts["batch_size"].isdigit() or int(opts["batch_size"]) < 1:
@@ -183,6 +185,7 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
         )
     draw = _BOOL[opts["overlay"].lower()]
     seg = _BOOL[opts["dicom_seg"].lower()]
+    prob = _BOOL[opts["probability"].lower()]
     batch_size = int(opts["batch_size"])
     rows: list[list[object]] = []
 
@@ -201,14 +204,26 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
         if draw:
             per_label = ensemble.target != "region"
             write_png(out / f"{stem}_overlay.png", overlay(film, pred.labels, per_label))
+        if prob:  # calibrated on validation, 16 bits: p = value / 65535
+            scaled = np.round(np.clip(pred.probability, 0, 1) * 65535).astype(np.uint16)
+            write_png(out / f"{stem}_prob.png", scaled)
         pixels = int((pred.labels > 0).sum())
         area = "" if spacing is None else f"{pixels * spacing[0] * spacing[1]:.4f}"
         h, w = pred.shape
         unc = f"{float(pred.uncertainty.mean()):.6f}"
-        score, reasons = "", ""
+        score, why = "", []
         if ensemble.limits is not None:
             value, why = flag(film_features(pred.labels, pred.uncertainty), ensemble.limits)
-            score, reasons = f"{value:.3f}", "; ".join(why)
+            score = f"{value:.3f}"
+        wh, ww = ensemble.pipeline.image_size
+        if h < wh or w < ww:  # upsampled: whatever it shows, the detail is not in the film
+            why = [*why, "smaller than the working resolution"]
+            tqdm.write(
+                f"warning: {path.name}: {h}x{w} film is smaller than the working resolution "
+                f"{wh}x{ww}; upsampled and flagged",
+                file=sys.stderr,
+            )
+        reasons = "; ".join(why)
         rows.append(
             [
                 path.name,
