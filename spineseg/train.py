@@ -184,7 +184,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     store = PredictionStore(run_dir)
     digest = config_hash(cfg)
     manifest = store.read_manifest(name)
-    if manifest and manifest.get("config_hash") != digest and not cfg.get("overwrite"):
+    recorded = (manifest or {}).get("config_hash")  # None: it failed before it started
+    if recorded not in (None, digest) and not cfg.get("overwrite"):
         raise RefusedError(
             f"{run_dir} already holds model {name!r} trained with another config; choose a new "
             "run name (run=...) or pass overwrite=true to retrain it"
