@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,23 @@ def _conf_dir() -> str:
 
 
 CONF_DIR = _conf_dir()
+
+
+def key_values(
+    argv: Sequence[str], defaults: Mapping[str, str | None], usage: str
+) -> dict[str, str]:
+    """`key=value` arguments over `defaults`; a bare word or an unknown key is one line."""
+    from spineseg.errors import ConfigError, choices_message
+
+    opts = dict(defaults)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"argument {arg!r} is not key=value; {usage}")
+        if key not in defaults:
+            raise ConfigError(choices_message("argument", key, list(defaults)))
+        opts[key] = value
+    return opts  # type: ignore[return-value]
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spineseg.cli.common import one_line_errors
-from spineseg.errors import ConfigError, StoreError, choices_message
+from spineseg.cli.common import key_values, one_line_errors
+from spineseg.errors import ConfigError, StoreError
 
 USAGE = "usage: spineseg-export run_dir=<dir> output=<file.onnx> [rule=soft] [check=true]"
 DEFAULTS: dict[str, str | None] = {"run_dir": None, "output": None, "rule": "soft", "check": "true"}
@@ -20,14 +20,7 @@ TOLERANCE = 1e-4
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
-    opts = dict(DEFAULTS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"argument {arg!r} is not key=value; {USAGE}")
-        if key not in DEFAULTS:
-            raise ConfigError(choices_message("argument", key, list(DEFAULTS)))
-        opts[key] = value
+    opts = key_values(argv, DEFAULTS, USAGE)
     missing = [k for k, v in opts.items() if v in (None, "")]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)}; {USAGE}")

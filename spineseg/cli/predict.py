@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from spineseg.cli.common import one_line_errors
+from spineseg.cli.common import key_values, one_line_errors
 from spineseg.errors import ConfigError, DataError, choices_message
 from spineseg.utils.io import atomic_open, atomic_write_text
 
@@ -72,14 +72,7 @@ _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no":
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
     """`key=value` pairs; unknown keys and missing required ones are config errors."""
-    opts = dict(DEFAULTS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"argument {arg!r} is not key=value; {USAGE}")
-        if key not in DEFAULTS:
-            raise ConfigError(choices_message("argument", key, list(DEFAULTS)))
-        opts[key] = value
+    opts = key_values(argv, DEFAULTS, USAGE)
     if opts["engine"] not in ENGINES:
         raise ConfigError(choices_message("engine", opts["engine"], list(ENGINES)))
     optional = {"model", "run_dir"} if opts["engine"] == "onnx" else {"model"}
