@@ -170,7 +170,7 @@ class Ensemble:
     def to_input(self, image: np.ndarray) -> tuple[torch.Tensor, G.Geometry]:
         """Film -> normalised (1, H, W) working tensor, exactly as `prepare` + `FilmDataset`."""
         from spineseg.data import transforms as T
-        from spineseg.data.datamodule import to_uint8
+        from spineseg.data.datamodule import working_film
 
         image = np.asarray(image)
         if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16):
@@ -179,11 +179,8 @@ class Ensemble:
                 f"expected a HxW uint8/uint16 film, got {image.dtype} with shape {image.shape}",
             )
         p = self.pipeline
-        blank = np.zeros(image.shape, np.uint8)
-        img, _, geom = G.to_working(to_uint8(image), blank, p.image_size, p.resize)
-        img = T.preprocess(img, p.preprocess)
-        x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(255.0)
-        return ((x - T.GRAY_MEAN) / T.GRAY_STD)[None], geom
+        img, _, geom = working_film(image, None, p.image_size, p.resize, p.preprocess)
+        return T.to_tensor(img)[None], geom
 
     def model_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) inputs -> every model's probabilities (K, N, C, H, W) on the CPU."""

@@ -342,3 +342,21 @@ def test_the_probability_map_is_written_and_a_small_film_is_flagged(tmp_path, ru
         rows = {r["file"]: r for r in csv.DictReader(fh)}
     assert "smaller than the working resolution" in rows["tiny.png"]["flag"]
     assert "smaller" not in rows["big.png"]["flag"]
+
+
+@pytest.mark.parametrize(("resize", "preprocess"), [("stretch", "none"), ("letterbox", "clahe")])
+def test_training_and_predict_give_a_film_the_identical_tensor(run_dir, resize, preprocess):
+    """No train/inference skew: the DataModule's path (prepare + FilmDataset) and predict's
+    (`Ensemble.to_input`) share one function, and give bit-identical inputs."""
+    from spineseg.data.datamodule import FilmDataset, prepare
+    from spineseg.data.sample import Sample
+    from spineseg.predict import Pipeline
+
+    image = film(150, 60, np.uint16)
+    sample = Sample("a", "p", image, np.zeros(image.shape, np.uint8), binary_label=True)
+    prepared = prepare([sample], (64, 64), resize, preprocess)
+    trained = FilmDataset(prepared.images, prepared.labels, prepared.ids)[0]["image"]
+    ens = load_ensemble(run_dir)
+    ens.pipeline = Pipeline("region", (64, 64), resize, preprocess)
+    predicted, _ = ens.to_input(image)
+    assert torch.equal(trained, predicted)

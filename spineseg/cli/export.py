@@ -33,7 +33,6 @@ def compare(run_dir: Path, onnx_path: Path, rule: str, split: str = "test") -> d
     """PyTorch and onnxruntime on the stored films of `split` (the working-resolution
     films the store keeps for overlays): max |Δp| and the share of labels that differ,
     and of those, how many sit within TOLERANCE of the decision threshold."""
-    import torch
 
     from spineseg.data import transforms as T
     from spineseg.ensemble import voting
@@ -48,8 +47,7 @@ def compare(run_dir: Path, onnx_path: Path, rule: str, split: str = "test") -> d
     worst, differ, near, pixels = 0.0, 0, 0, 0
     t = ref.decision_threshold
     for start in range(0, truth.n, 8):
-        films = torch.from_numpy(np.array(truth.images[start : start + 8])).float() / 255.0
-        x = ((films - T.GRAY_MEAN) / T.GRAY_STD)[:, None]
+        x = T.to_tensor(np.array(truth.images[start : start + 8]))[:, None]
         a, b = ref.fused(x)[0], onx.fused(x)[0]
         worst = max(worst, float((a - b).abs().max()))
         la, lb = voting.to_labels(a, t), voting.to_labels(b, t)

@@ -86,6 +86,21 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round((image.astype(np.float32) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+def working_film(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    size: tuple[int, int],
+    resize: str,
+    preprocess: str,
+) -> tuple[np.ndarray, np.ndarray | None, G.Geometry]:
+    """A film at the working resolution, preprocessed, with its label (nearest neighbour)
+    and the geometry back to the original: the one path from a film to what a model sees,
+    shared by training and predict."""
+    blank = np.zeros(np.shape(image)[:2], np.uint8) if label is None else label
+    img, lab, geom = G.to_working(to_uint8(image), blank, size, resize)
+    return T.preprocess(img, preprocess), (None if label is None else lab), geom
+
+
 def prepare(
     samples: list[Sample], image_size: tuple[int, int], resize: str, preprocess: str
 ) -> Prepared:
@@ -97,8 +112,7 @@ def prepare(
     geoms = []
     for k, s in enumerate(samples):
         s.check()
-        img, lab, g = G.to_working(to_uint8(s.image), s.label, (H, W), resize)
-        images[k] = T.preprocess(img, preprocess)
+        images[k], lab, g = working_film(s.image, s.label, (H, W), resize, preprocess)
         labels[k] = lab
         spacing[k] = G.working_spacing(s.spacing, g)
         geoms.append(g.as_dict())
@@ -244,10 +258,8 @@ class FilmDataset(Dataset):
         if self.augment is not None:
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)
-        x = (x - T.GRAY_MEAN) / T.GRAY_STD
         return {
-            "image": x[None],
+            "image": T.to_tensor(image)[None],
             "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
             "id": self.ids[i],
         }

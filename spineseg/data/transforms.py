@@ -11,6 +11,7 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 
 from spineseg.errors import ConfigError, choices_message
 
@@ -18,6 +19,13 @@ from spineseg.errors import ConfigError, choices_message
 # through an RGB-summed first convolution equivalent to a replicated-gray RGB image.
 GRAY_MEAN = float(np.mean([0.485, 0.456, 0.406]))
 GRAY_STD = float(np.mean([0.229, 0.224, 0.225]))
+
+
+def to_tensor(film: np.ndarray) -> torch.Tensor:
+    """uint8 working-resolution film(s) (..., H, W) -> the normalised float tensor every
+    model sees: in training, evaluation, predict and the ONNX check alike."""
+    x = torch.from_numpy(np.ascontiguousarray(film)).float().div_(255.0)
+    return (x - GRAY_MEAN) / GRAY_STD
 
 
 def _log_transform(image: np.ndarray, **_: object) -> np.ndarray:
