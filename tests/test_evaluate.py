@@ -313,3 +313,14 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb"))
+
+
+def test_the_python_defaults_are_the_yaml_defaults():
+    """evaluate.DEFAULTS (used when the ensemble runs without Hydra) says what
+    conf/ensemble/default.yaml says, key for key."""
+    from spineseg.ensemble.evaluate import DEFAULTS
+
+    yaml = OmegaConf.to_container(
+        OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "ensemble" / "default.yaml")
+    )
+    assert yaml == DEFAULTS
