@@ -324,3 +324,22 @@ def test_the_python_defaults_are_the_yaml_defaults():
         OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "ensemble" / "default.yaml")
     )
     assert yaml == DEFAULTS
+
+
+def test_the_lightning_callback_is_configured_with_the_ensemble_settings(tmp_path):
+    """`callbacks=ensemble` adds the in-process ensemble with the ensemble's own settings
+    (one source: conf/ensemble), beside checkpointing."""
+    from hydra import compose, initialize_config_dir
+
+    from spineseg.train import build_trainer
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["callbacks=ensemble", "ensemble.n_boot=123",
+                                          f"paths.output_dir={tmp_path}", "logger=none"])  # fmt: skip
+    trainer = build_trainer(cfg)
+    cb = next(c for c in trainer.callbacks if isinstance(c, EnsembleCallback))
+    assert cb.n_boot == 123 and cb.rules == list(cfg.ensemble.rules)
+    from spineseg.ensemble.evaluate import DEFAULTS
+
+    assert EnsembleCallback().n_boot == DEFAULTS["n_boot"]  # unset: the ensemble's default

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spineseg.ensemble import voting
 from spineseg.ensemble.evaluate import (
+    DEFAULTS,
     SUMMARY_COLUMNS,
     EnsembleSpec,
     evaluate_arrays,
@@ -43,20 +43,22 @@ class EnsembleCallback(L.Callback):
     def __init__(
         self,
         rules: Sequence[str] | None = None,
-        threshold: float = 0.5,
-        chunk_size: int = 16,
-        distances: bool = True,
-        n_boot: int = 1000,
-        seed: int = 0,
+        threshold: float | None = None,
+        chunk_size: int | None = None,
+        distances: bool | None = None,
+        n_boot: int | None = None,
+        seed: int | None = None,
         verbose: bool = True,
     ) -> None:
+        """Unset options are the ensemble's defaults (`conf/ensemble/default.yaml`, which
+        `conf/callbacks/ensemble.yaml` passes through), so the two paths agree."""
         super().__init__()
-        self.rules = list(rules or voting.RULES)
-        self.threshold = threshold
-        self.chunk_size = chunk_size
-        self.distances = distances
-        self.n_boot = n_boot
-        self.seed = seed
+        self.rules = list(rules or DEFAULTS["rules"])
+        self.threshold = DEFAULTS["threshold"] if threshold is None else threshold
+        self.chunk_size = DEFAULTS["chunk_size"] if chunk_size is None else chunk_size
+        self.distances = DEFAULTS["distances"] if distances is None else distances
+        self.n_boot = DEFAULTS["n_boot"] if n_boot is None else n_boot
+        self.seed = DEFAULTS["seed"] if seed is None else seed
         self.verbose = verbose
         self._preds: dict[str, dict[str, dict[str, list[Any]]]] = {}
         self.val_scores: dict[str, float] = {}
