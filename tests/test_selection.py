@@ -27,9 +27,9 @@ class RecordingStore(PredictionStore):
         super().__init__(run_dir)
         self.touched: set[tuple[str, str]] = set()
 
-    def probs_path(self, model, split):
+    def probs_path(self, model, split, tta="none"):
         self.touched.add((model, split))
-        return super().probs_path(model, split)
+        return super().probs_path(model, split, tta)
 
     def truth_path(self, split):
         self.touched.add(("_truth", split))
