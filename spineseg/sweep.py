@@ -70,11 +70,10 @@ def swept_options(config: DictConfig) -> list[str]:
 
 
 def job_members(config: DictConfig) -> list[tuple[str, str, list[str], DictConfig]]:
-    """(member name, truth identity, overrides, config) of every job the sweep will launch, each composed as the
-    sweeper will compose it."""
+    """(member name, truth identity, overrides, config) of every job the sweep will launch,
+    each composed as the basic sweeper composes it."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.plugins import Plugins  # noqa: F401  (the sweeper's own imports)
 
     loader = GlobalHydra.instance().config_loader()
     jobs = BasicSweeper.split_arguments(_overrides(config), None)[0]
