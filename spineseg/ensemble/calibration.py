@@ -93,7 +93,7 @@ def _labels(masks: np.ndarray, channels: int) -> torch.Tensor:
     return (m > 0).long() if channels == 1 else m
 
 
-def _sources(data: Any, spec: Any, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+def _sources(spec: Any, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each model's and each rule's scores on one chunk (K,n,C,H,W)."""
     from spineseg.ensemble import voting
     from spineseg.ensemble.evaluate import MODEL_PREFIX
@@ -128,7 +128,7 @@ def fit(val: Any, spec: Any, chunk_size: int = 16) -> dict[str, float]:
         pick = torch.arange((-offset) % stride, len(y), stride)
         offset += len(y)
         targets.append(y[pick])
-        for name, p in _sources(val, spec, chunk).items():
+        for name, p in _sources(spec, chunk).items():
             flat = p.permute(0, 2, 3, 1).reshape(-1, p.shape[1])
             samples.setdefault(name, []).append(flat[pick])
     target = torch.cat(targets)
@@ -145,7 +145,7 @@ def assess(
         after: dict[str, Reliability] = {}
         for chunk, masks in _chunks(data, spec, chunk_size):
             y = _labels(masks, chunk.shape[2])
-            for name, p in _sources(data, spec, chunk).items():
+            for name, p in _sources(spec, chunk).items():
                 before.setdefault(name, Reliability()).update(p, y)
                 after.setdefault(name, Reliability()).update(scaled(p, temperatures[name]), y)
         out[split] = {

@@ -27,12 +27,11 @@ def film_features(labels: np.ndarray, spread: np.ndarray) -> dict[str, float]:
     the members' disagreement in [0, 1]."""
     fg = np.asarray(labels) > 0
     n = int(fg.sum())
-    rows = np.nonzero(fg.any(axis=1))[0]
     return {
         "disagreement": float(np.asarray(spread, np.float64).sum() / max(n, 1)),
         "area": n / fg.size,
         "position": float(np.nonzero(fg)[0].mean() / fg.shape[0]) if n else float("nan"),
-        "components": float(ndimage.label(fg)[1]) if len(rows) else 0.0,
+        "components": float(ndimage.label(fg)[1]) if n else 0.0,
     }
 
 

@@ -464,25 +464,38 @@ def _sections(data: RunData) -> list[Section]:
     return [setup, a, failed, b, c, quality_section(data), calibration_section(data)]
 
 
+def calibration_table(splits: dict[str, dict[str, dict[str, Any]]]) -> pd.DataFrame:
+    """One row per split and model or rule: its temperature and ECE before and after."""
+    return pd.DataFrame(
+        [
+            {"split": split, "model or rule": name, "T": _f(c["temperature"], 3),
+             "ECE": _f(c["ece"], 4), "ECE calibrated": _f(c["ece_calibrated"], 4)}
+            for split, names in splits.items()
+            for name, c in names.items()
+        ]
+    )  # fmt: skip
+
+
+def _results_section(title: str, payload: Any, text: str, table: Any) -> Section:
+    """A section drawn from one entry of results.json, or a line saying it is not there."""
+    section = Section(title)
+    if not payload:
+        section.text.append("Not available: the ensemble step has not run (or predates it).")
+        return section
+    section.text.append(text)
+    section.tables.append(("", table(payload)))
+    return section
+
+
 def calibration_section(data: RunData) -> Section:
-    cal = Section("Table 5. Calibration")
-    splits = data.results_json.get("calibration")
-    if not splits:
-        cal.text.append("Not available: the ensemble step has not run (or predates it).")
-        return cal
-    cal.text.append(
+    return _results_section(
+        "Table 5. Calibration",
+        data.results_json.get("calibration"),
         "Expected calibration error (15 bins, every pixel) before and after temperature "
         "scaling; one temperature per model and per rule, fitted on validation only "
-        "(the val rows show the fit itself). Scaling keeps each decision at 0.5."
+        "(the val rows show the fit itself). Scaling keeps each decision at 0.5.",
+        calibration_table,
     )
-    rows = [
-        {"split": split, "model or rule": name, "T": _f(c["temperature"], 3),
-         "ECE": _f(c["ece"], 4), "ECE calibrated": _f(c["ece_calibrated"], 4)}
-        for split, names in splits.items()
-        for name, c in names.items()
-    ]  # fmt: skip
-    cal.tables.append(("", pd.DataFrame(rows)))
-    return cal
 
 
 def quality_table(detection: dict[str, dict[str, dict[str, Any]]]) -> pd.DataFrame:
@@ -500,19 +513,15 @@ def quality_table(detection: dict[str, dict[str, dict[str, Any]]]) -> pd.DataFra
 
 
 def quality_section(data: RunData) -> Section:
-    q = Section("Table 4. Quality flags")
-    detection = data.results_json.get("quality")
-    if not detection:
-        q.text.append("Not available: the ensemble step has not run (or predates the flags).")
-        return q
-    q.text.append(
+    return _results_section(
+        "Table 4. Quality flags",
+        data.results_json.get("quality"),
         "A film is flagged, without its truth, when the members disagree, or its region's area "
         "or position lies outside the validation truth's 95% range, or it comes in several "
         "pieces (ranges in ensemble/quality.json, set on validation only). Poor: Dice < 0.7. "
-        "AUROC is that of the flag score for poor films."
+        "AUROC is that of the flag score for poor films.",
+        quality_table,
     )
-    q.tables.append(("", quality_table(detection)))
-    return q
 
 
 def _markdown(data: RunData, sections: list[Section], figures: dict[str, Path]) -> str:
