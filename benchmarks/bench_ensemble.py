@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from spineseg.ensemble import agreement, metrics, voting  # noqa: E402
+from spineseg.ensemble import agreement, metrics, rules, scoring, voting  # noqa: E402
 from spineseg.ensemble.evaluate import (  # noqa: E402
     EnsembleSpec,
     evaluate_arrays,
@@ -61,7 +61,7 @@ from spineseg.ensemble.store import (  # noqa: E402
 )
 from spineseg.utils.io import atomic_open  # noqa: E402
 
-RULES = list(voting.RULES)
+RULES = list(rules.RULES)
 SPLIT = "test"
 
 
@@ -288,11 +288,10 @@ def profile(data: Any, models: list[str], chunk: int) -> dict[str, float]:
             pass
     for sl, raw in iter_raw_chunks(arrays, chunk):
         truth = read_rows(data.truth.masks, sl)
-        fg = torch.from_numpy(truth != 0).reshape(len(truth), -1)
         keys = torch.from_numpy(raw).view(agreement.KEY_DTYPES[raw.dtype])
         keys = keys.reshape(len(models), len(truth), -1)
-        with timer(t, "agreement_path"):
-            agreement.score_chunk(keys, fg, methods, w, raw.dtype)
+        with timer(t, "agreement_path"):  # the scorer takes it for float16 region chunks
+            scoring.score_chunk(raw, truth, methods, w, models=models, split=SPLIT, ids=[])
         lo, hi = keys.amin(0), keys.amax(0)
         tk = agreement.threshold_key(0.5, raw.dtype)
         split_px += int(((lo <= tk) & (hi > tk)).sum())
@@ -300,13 +299,9 @@ def profile(data: Any, models: list[str], chunk: int) -> dict[str, float]:
         with timer(t, "dense_path"):
             probs = torch.from_numpy(raw).to(torch.float32)
             for m in methods:
-                if m.model is None:
-                    labels = voting.fuse_labels(m.rule, probs, w, threshold=m.threshold)
-                else:
-                    labels = voting.to_labels(probs[m.model], m.threshold)
-                metrics.overlap_metrics(labels, truth, 2)
+                metrics.overlap_metrics(scoring.dense_labels(probs, m, w), truth, 2)
         with timer(t, "surface_metrics_one_method"):
-            metrics.surface_metrics(voting.to_labels(voting.fuse("soft", probs)), truth, 2)
+            metrics.surface_metrics(voting.to_labels(rules.fuse("soft", probs)), truth, 2)
     out = {k: round(v, 3) for k, v in sorted(t.items())}
     out["dense_over_agreement"] = round(t["dense_path"] / t["agreement_path"], 1)
     out["disagreement_fraction"] = round(split_px / total_px, 4)

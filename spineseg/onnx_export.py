@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from spineseg.ensemble import rules, voting
 from spineseg.ensemble import tta as TTA
-from spineseg.ensemble import voting
 from spineseg.ensemble.quality import Limits
 from spineseg.errors import ConfigError, StoreError
 from spineseg.predict import Ensemble, Pipeline, load_ensemble
 from spineseg.utils.io import atomic_open
 
-#: Rules that are a fixed computation; STAPLE's EM iterates until it converges.
-EXPORTABLE = tuple(r for r in voting.RULES if r != "staple")
+#: Rules that are a fixed computation (`Rule.traceable`).
+EXPORTABLE = tuple(name for name, r in rules.RULES.items() if r.traceable)
 METADATA_KEY = "spineseg"
 INPUT, OUTPUTS = "image", ("probability", "disagreement")
 
@@ -50,7 +50,7 @@ class EnsembleGraph(nn.Module):
         if self.rule == "weighted":
             fused = voting.weighted_mean(probs, self.w)
         else:
-            fused = voting.fuse(self.rule, probs, threshold=self.threshold)
+            fused = rules.fuse(self.rule, probs, threshold=self.threshold)
         return fused, voting.disagreement(probs, self.threshold)
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from spineseg.data import geometry as G
+from spineseg.ensemble import rules, voting
 from spineseg.ensemble import tta as TTA
-from spineseg.ensemble import voting
 from spineseg.ensemble.calibration import scaled
 from spineseg.ensemble.quality import Limits
 from spineseg.errors import ConfigError, DataError, StoreError, choices_message
@@ -142,8 +142,7 @@ class Ensemble:
         from spineseg.ensemble.postprocess import check_names
 
         check_names([postprocess])
-        if rule not in voting.RULES:
-            raise ConfigError(choices_message("voting rule", rule, list(voting.RULES)))
+        rules.get(rule)
         if not models:
             raise StoreError("the ensemble has no models")
         self.models = list(models)
@@ -165,7 +164,7 @@ class Ensemble:
     @property
     def decision_threshold(self) -> float:
         """Vote-fraction / posterior rules decide at 0.5; `threshold` binarised each model."""
-        return 0.5 if self.rule in voting.DECIDE_AT_HALF else self.threshold
+        return rules.get(self.rule).decision_threshold(self.threshold)
 
     def to_input(self, image: np.ndarray) -> tuple[torch.Tensor, G.Geometry]:
         """Film -> normalised (1, H, W) working tensor, exactly as `prepare` + `FilmDataset`."""
@@ -195,7 +194,7 @@ class Ensemble:
         """(N, 1, H, W) inputs -> the rule's scores (N, C, H, W) and the disagreement
         (N, H, W); the ONNX engine computes the same in one graph."""
         probs = self.model_probs(x)
-        scores = voting.fuse(self.rule, probs, weights=self.weights, threshold=self.threshold)
+        scores = rules.fuse(self.rule, probs, weights=self.weights, threshold=self.threshold)
         return scores, voting.disagreement(probs, self.threshold)
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
@@ -243,8 +242,7 @@ def load_ensemble(
     postprocess: None uses what validation chose for `rule` (`selection.json`), else a name
     from `spineseg.ensemble.postprocess.POSTPROCESS`."""
     run_dir = Path(run_dir)
-    if rule not in voting.RULES:
-        raise ConfigError(choices_message("voting rule", rule, list(voting.RULES)))
+    rules.get(rule)
     if not run_dir.is_dir():
         raise StoreError(f"run_dir {run_dir} does not exist")
     sel_path = run_dir / SELECTION

@@ -18,7 +18,7 @@ import torch
 
 from spineseg.cli.predict import main as cli_main
 from spineseg.data import geometry as G
-from spineseg.ensemble import postprocess, voting
+from spineseg.ensemble import postprocess, rules, voting
 from spineseg.ensemble.selection import Selection, save_selection
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import ConfigError, StoreError
@@ -56,7 +56,7 @@ def make_run(
         models=list(MODELS),
         weights=[0.6, 0.4],
         scores={"m0": 0.8, "m1": 0.7},
-        thresholds={r: threshold for r in voting.RULES},
+        thresholds={r: threshold for r in rules.RULES},
         method="top_k",
         k=2,
         n_val=4,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from spineseg.ensemble import voting
+from spineseg.ensemble import rules, voting
 from spineseg.errors import ConfigError
 
 RULE_NAMES = ("soft", "hard", "weighted", "max", "median", "staple", "logit_mean")
@@ -32,7 +32,7 @@ def multiclass(*models: list[list[float]]) -> torch.Tensor:
 
 def fused(name: str, probs: torch.Tensor, **kw) -> list[float]:
     """Flat list of the single channel of a fused one-image binary score map."""
-    return voting.fuse(name, probs, **kw)[0, 0, 0].tolist()
+    return rules.fuse(name, probs, **kw)[0, 0, 0].tolist()
 
 
 # K = 3 models over 3 pixels.
@@ -40,7 +40,7 @@ P3 = binary([0.2, 0.6, 0.9], [0.4, 0.4, 0.8], [0.9, 0.7, 0.1])
 
 
 def test_rules_registry_has_exactly_the_paper_rules_and_extras():
-    assert tuple(voting.RULES) == RULE_NAMES
+    assert tuple(rules.RULES) == RULE_NAMES
 
 
 def test_soft_is_the_mean():
@@ -98,12 +98,12 @@ def test_logit_mean_clips_certain_probabilities():
 
 def test_hard_vote_tie_with_even_k_goes_to_background():
     probs = binary([0.9, 0.9, 0.9], [0.8, 0.8, 0.2], [0.1, 0.3, 0.1], [0.2, 0.1, 0.1])
-    scores = voting.fuse("hard", probs)
+    scores = rules.fuse("hard", probs)
     assert scores[0, 0, 0].tolist() == pytest.approx([0.5, 0.5, 0.25])
     assert voting.to_labels(scores)[0, 0].tolist() == [0, 0, 0]
     # One more vote makes a strict majority.
     probs5 = torch.cat([probs, binary([0.7, 0.1, 0.1])])
-    assert voting.to_labels(voting.fuse("hard", probs5))[0, 0].tolist() == [1, 0, 0]
+    assert voting.to_labels(rules.fuse("hard", probs5))[0, 0].tolist() == [1, 0, 0]
 
 
 def test_threshold_is_strict_in_hard_vote_and_to_labels():
@@ -116,7 +116,7 @@ def test_threshold_is_strict_in_hard_vote_and_to_labels():
 @pytest.mark.parametrize("name", RULE_NAMES)
 def test_k_equals_one_reproduces_the_single_model_decision(name):
     probs = binary([0.1, 0.45, 0.55, 0.97, 0.0, 1.0])
-    labels = voting.to_labels(voting.fuse(name, probs, weights=[3.0]))
+    labels = voting.to_labels(rules.fuse(name, probs, weights=[3.0]))
     assert labels[0, 0].tolist() == [0, 0, 1, 1, 0, 1]
 
 
@@ -139,8 +139,8 @@ def test_all_empty_masks_stay_empty_and_all_full_stay_full(name, channels):
         full = torch.zeros(k, n, channels, h, w)
         full[:, :, 3] = 1.0  # every model: class 3 everywhere
     weights = [1.0, 2.0, 3.0, 4.0]
-    assert int(voting.to_labels(voting.fuse(name, empty, weights)).max()) == 0
-    full_labels = voting.to_labels(voting.fuse(name, full, weights))
+    assert int(voting.to_labels(rules.fuse(name, empty, weights)).max()) == 0
+    full_labels = voting.to_labels(rules.fuse(name, full, weights))
     assert bool((full_labels == (1 if channels == 1 else 3)).all())
 
 
@@ -153,34 +153,34 @@ M3 = multiclass(
 
 
 def test_multiclass_hand_computed_soft_hard_max_median():
-    soft = voting.fuse("soft", M3)[0, :, 0]  # (C, W)
+    soft = rules.fuse("soft", M3)[0, :, 0]  # (C, W)
     assert soft[:, 0].tolist() == pytest.approx([0.2, 1.6 / 3, 0.8 / 3], abs=1e-6)
     # argmaxes: pixel 0 -> 1, 2, 1 ; pixel 1 -> 0, 0, 2
-    hard = voting.fuse("hard", M3)[0, :, 0]
+    hard = rules.fuse("hard", M3)[0, :, 0]
     assert hard[:, 0].tolist() == pytest.approx([0, 2 / 3, 1 / 3], abs=1e-6)
     assert hard[:, 1].tolist() == pytest.approx([2 / 3, 0, 1 / 3], abs=1e-6)
-    assert voting.fuse("max", M3)[0, :, 0, 0].tolist() == pytest.approx([0.3, 0.7, 0.6])
-    assert voting.fuse("median", M3)[0, :, 0, 1].tolist() == pytest.approx([0.5, 0.2, 0.4])
-    assert voting.to_labels(voting.fuse("hard", M3))[0, 0].tolist() == [1, 0]
-    assert voting.to_labels(voting.fuse("soft", M3))[0, 0].tolist() == [1, 0]
+    assert rules.fuse("max", M3)[0, :, 0, 0].tolist() == pytest.approx([0.3, 0.7, 0.6])
+    assert rules.fuse("median", M3)[0, :, 0, 1].tolist() == pytest.approx([0.5, 0.2, 0.4])
+    assert voting.to_labels(rules.fuse("hard", M3))[0, 0].tolist() == [1, 0]
+    assert voting.to_labels(rules.fuse("soft", M3))[0, 0].tolist() == [1, 0]
 
 
 def test_multiclass_logit_mean_hand_computed():
     # mean log-probs: ln .4, ln .2, ln .2 -> softmax [0.5, 0.25, 0.25]
     probs = multiclass([[0.8, 0.1, 0.1]], [[0.2, 0.4, 0.4]])
-    got = voting.fuse("logit_mean", probs)[0, :, 0, 0].tolist()
+    got = rules.fuse("logit_mean", probs)[0, :, 0, 0].tolist()
     assert got == pytest.approx([0.5, 0.25, 0.25], abs=1e-6)
 
 
 def test_multiclass_ties_go_to_the_lowest_class():
     # Between models: one votes class 2, one class 1 -> [0, .5, .5] -> class 1.
     probs = multiclass([[0.1, 0.2, 0.7]], [[0.1, 0.7, 0.2]])
-    scores = voting.fuse("hard", probs)
+    scores = rules.fuse("hard", probs)
     assert scores[0, :, 0, 0].tolist() == pytest.approx([0, 0.5, 0.5])
     assert voting.to_labels(scores)[0, 0].tolist() == [1]
     # Inside one model: probabilities tied between 0 and 1 -> that model votes class 0.
     tied = multiclass([[0.4, 0.4, 0.2]])
-    assert voting.fuse("hard", tied)[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    assert rules.fuse("hard", tied)[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
 
 
 def test_to_labels_shapes_and_dtype():
@@ -195,14 +195,14 @@ def test_to_labels_shapes_and_dtype():
 
 def test_fuse_errors():
     with pytest.raises(ConfigError, match=r"valid choices: .*soft"):
-        voting.fuse("mean", P3)
+        rules.fuse("mean", P3)
     with pytest.raises(ConfigError, match="weights"):
-        voting.fuse("weighted", P3)
+        rules.fuse("weighted", P3)
     for bad in ([1.0, 2.0], [1.0, -1.0, 1.0], [1.0, math.nan, 1.0], [0.0, 0.0, 0.0]):
         with pytest.raises(ConfigError):
-            voting.fuse("weighted", P3, weights=bad)
+            rules.fuse("weighted", P3, weights=bad)
     with pytest.raises(ValueError):
-        voting.fuse("soft", P3[0])
+        rules.fuse("soft", P3[0])
 
 
 def test_disagreement_hand_computed():
@@ -240,7 +240,7 @@ SETTINGS = settings(max_examples=40, deadline=None)
 def test_soft_equals_weighted_with_equal_weights(probs, w):
     weights = [w] * probs.shape[0]
     torch.testing.assert_close(
-        voting.fuse("soft", probs), voting.fuse("weighted", probs, weights), atol=1e-6, rtol=0
+        rules.fuse("soft", probs), rules.fuse("weighted", probs, weights), atol=1e-6, rtol=0
     )
 
 
@@ -248,17 +248,17 @@ def test_soft_equals_weighted_with_equal_weights(probs, w):
 @given(prob_stacks(k=3))
 def test_median_of_three_is_the_middle_value(probs):
     middle = probs.sort(dim=0).values[1]
-    assert torch.equal(voting.fuse("median", probs), middle)
+    assert torch.equal(rules.fuse("median", probs), middle)
 
 
 @SETTINGS
 @given(prob_stacks())
 def test_max_ge_mean_ge_min(probs):
-    mean = voting.fuse("soft", probs)
-    assert bool((voting.fuse("max", probs) >= mean - 1e-6).all())
+    mean = rules.fuse("soft", probs)
+    assert bool((rules.fuse("max", probs) >= mean - 1e-6).all())
     assert bool((mean >= probs.amin(0) - 1e-6).all())
-    med = voting.fuse("median", probs)
-    assert bool((med <= voting.fuse("max", probs)).all())
+    med = rules.fuse("median", probs)
+    assert bool((med <= rules.fuse("max", probs)).all())
     assert bool((med >= probs.amin(0)).all())
 
 
@@ -272,7 +272,7 @@ def test_every_rule_outputs_float32_scores_in_unit_interval(probs, data):
     )
     _, n, c, h, w = probs.shape
     for name in RULE_NAMES:
-        scores = voting.fuse(name, probs, weights)
+        scores = rules.fuse(name, probs, weights)
         assert scores.shape == (n, c, h, w)
         assert scores.dtype == torch.float32
         assert bool(((scores >= 0) & (scores <= 1)).all()), name
@@ -286,9 +286,9 @@ def test_every_rule_outputs_float32_scores_in_unit_interval(probs, data):
 def test_chunking_invariance(probs, threshold):
     weights = torch.arange(1, probs.shape[0] + 1, dtype=torch.float32)
     for name in RULE_NAMES:
-        whole = voting.fuse(name, probs, weights, threshold)
+        whole = rules.fuse(name, probs, weights, threshold)
         parts = torch.cat(
-            [voting.fuse(name, probs[:, s], weights, threshold) for s in (slice(0, 2), slice(2, 4))]
+            [rules.fuse(name, probs[:, s], weights, threshold) for s in (slice(0, 2), slice(2, 4))]
         )
         torch.testing.assert_close(parts, whole, atol=1e-6, rtol=0, msg=name)
     parts = torch.cat([voting.disagreement(probs[:, s]) for s in (slice(0, 2), slice(2, 4))])
@@ -300,7 +300,7 @@ def test_chunking_invariance(probs, threshold):
 def test_hard_labels_are_a_strict_majority(probs):
     votes = (probs[:, :, 0] > 0.5).sum(0)
     expected = (2 * votes > probs.shape[0]).to(torch.uint8)
-    assert torch.equal(voting.to_labels(voting.fuse("hard", probs)), expected)
+    assert torch.equal(voting.to_labels(rules.fuse("hard", probs)), expected)
 
 
 # --- STAPLE --------------------------------------------------------------------------------------
@@ -325,8 +325,8 @@ def synthetic_raters(seed: int = 0, n: int = 2, size: int = 48):
 
 def test_staple_beats_or_matches_majority_and_ranks_raters():
     probs, truth = synthetic_raters()
-    staple_acc = (voting.to_labels(voting.fuse("staple", probs)).bool() == truth).float().mean()
-    major_acc = (voting.to_labels(voting.fuse("hard", probs)).bool() == truth).float().mean()
+    staple_acc = (voting.to_labels(rules.fuse("staple", probs)).bool() == truth).float().mean()
+    major_acc = (voting.to_labels(rules.fuse("hard", probs)).bool() == truth).float().mean()
     assert staple_acc >= major_acc
     k, n = probs.shape[:2]
     decisions = (probs[:, :, 0] > 0.5).permute(1, 0, 2, 3).reshape(n, k, -1)
@@ -356,8 +356,8 @@ def test_staple_trusts_a_good_rater_over_a_bad_majority():
         for _ in range(2)
     ]
     stack = torch.cat([good, *noisy])
-    staple_err = (voting.to_labels(voting.fuse("staple", stack)).bool() != truth).sum()
-    major_err = (voting.to_labels(voting.fuse("hard", stack)).bool() != truth).sum()
+    staple_err = (voting.to_labels(rules.fuse("staple", stack)).bool() != truth).sum()
+    major_err = (voting.to_labels(rules.fuse("hard", stack)).bool() != truth).sum()
     assert staple_err < major_err
 
 
@@ -368,7 +368,7 @@ def test_staple_multiclass_unanimous_and_one_vs_rest():
         [[0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8]],
         [[0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.1, 0.1, 0.8]],
     )
-    assert voting.to_labels(voting.fuse("staple", probs))[0, 0].tolist() == [1, 0, 2]
+    assert voting.to_labels(rules.fuse("staple", probs))[0, 0].tolist() == [1, 0, 2]
 
 
 def test_staple_vote_pattern_counts_match_the_pixelwise_em():
@@ -390,7 +390,7 @@ def test_hard_vote_decides_by_majority_whatever_the_threshold():
     """A tuned threshold binarises each model; the fused decision stays a strict majority."""
     import torch
 
-    from spineseg.ensemble.voting import fuse_labels
+    from spineseg.ensemble.rules import fuse_labels
 
     probs = torch.tensor([0.35, 0.35, 0.1, 0.1]).view(4, 1, 1, 1, 1)  # 2 of 4 models above 0.3
     assert fuse_labels("hard", probs, threshold=0.3).item() == 0  # a tie is background

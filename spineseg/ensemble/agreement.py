@@ -9,10 +9,12 @@ boundary, a few per cent of the image, and the overlap metrics then follow from 
 counts. STAPLE depends on an image only through its vote-pattern counts, so its agreement
 pixels enter it as two counts.
 
-The labels are the ones `voting.fuse_labels` gives when it fuses every pixel (the tests
-compare the two paths on random stores). The evaluator keeps that dense path for vertebrae
-mode, for chunks holding values outside [0, 1] (so that the store's error names the model
-and image), and for dtypes other than float16 and float32.
+Each rule says how it labels these pixels (its band kernel, in `rules`). The labels are the
+ones `rules.fuse_labels` gives when it fuses every pixel (`tests/test_rules.py` compares the
+two paths for every registered rule). `scoring.score_chunk` keeps that dense path for
+vertebrae mode, for chunks holding values outside [0, 1] (so that the store's error names
+the model and image), for dtypes other than float16 and float32, and for rules without a
+kernel.
 
 Comparisons run on integer keys. A non-negative IEEE float's bit pattern, read as a signed
 integer of the same width, orders exactly as its value, so the min/max and threshold tests
@@ -23,23 +25,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from spineseg.ensemble import voting
+from spineseg.ensemble import rules
 
-__all__ = [
-    "KEY_DTYPES",
-    "Method",
-    "Scored",
-    "dense_labels",
-    "score_chunk",
-    "score_raw",
-    "threshold_key",
-    "value_key",
-]
+if TYPE_CHECKING:
+    from spineseg.ensemble.scoring import Method
+
+__all__ = ["KEY_DTYPES", "Band", "Scored", "score_keys", "supports", "threshold_key", "value_key"]
 
 #: Stored dtype -> the integer dtype its keys are read as.
 KEY_DTYPES: dict[np.dtype, torch.dtype] = {
@@ -49,18 +47,28 @@ KEY_DTYPES: dict[np.dtype, torch.dtype] = {
 _VALUE_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 _INT = {np.dtype(np.float16): np.int16, np.dtype(np.float32): np.int32}
 
-#: Rules scored here; a rule added to `voting.RULES` but not here goes to the dense path.
-SUPPORTED = frozenset({"soft", "weighted", "logit_mean", "max", "median", "hard", "staple"})
 
+@dataclass
+class Band:
+    """The pixels of one chunk where the K models disagree at one threshold key, image by image
+    (image i owns `split_n[i]` consecutive columns): what a rule's band kernel labels."""
 
-@dataclass(frozen=True)
-class Method:
-    """One scored prediction: a voting rule (`rule`) or a single model (`model`, its index)."""
+    keys: Tensor  # (K, M) integer keys of the band's probabilities
+    votes: Tensor  # (K, M) bool: p > threshold
+    count: Tensor  # (M,) how many models vote foreground
+    dtype: np.dtype
+    split_n: Tensor  # (n,) band pixels per image
+    fg_n: Tensor  # (n,) pixels where every model votes foreground
+    npix: int  # pixels per image
 
-    name: str
-    threshold: float
-    rule: str | None = None
-    model: int | None = None
+    @property
+    def k(self) -> int:
+        return self.keys.shape[0]
+
+    @cached_property
+    def values(self) -> Tensor:
+        """(K, M) float32 probabilities, decoded only for kernels that need them."""
+        return self.keys.view(_VALUE_DTYPES[self.dtype]).to(torch.float32)
 
 
 @dataclass
@@ -114,7 +122,13 @@ def _gather_columns(x: Tensor, idx: Tensor) -> Tensor:
     return out
 
 
-def score_chunk(
+def supports(methods: Sequence[Method], k: int, npix: int) -> bool:
+    """Whether every method of a chunk of K models and `npix` pixels per image can be
+    scored here: a single model always, a rule when its kernel applies."""
+    return all(m.rule is None or rules.get(m.rule).scores_band(k, npix) for m in methods)
+
+
+def score_keys(
     keys: Tensor,
     truth: Tensor,
     methods: Sequence[Method],
@@ -122,16 +136,14 @@ def score_chunk(
     dtype: np.dtype | type,
     want_labels: bool = False,
 ) -> dict[str, Scored] | None:
-    """Score every method on one chunk, or None when the chunk needs the dense path: a value
-    outside [0, 1], or STAPLE where the dense rule runs pixel-wise EM (K > 16 or 2^K >= P).
+    """Score every method on one chunk, or None when a value lies outside [0, 1] (the dense
+    path then raises the store's error naming the model and image). Callers check
+    `supports` first.
 
     keys: (K, n, P) integer keys (`KEY_DTYPES`) of the K models' probabilities for n images
-    of P pixels; truth: (n, P) bool. None hands the chunk to the dense path, which raises the
-    store's error naming the model and image for NaN, inf or out-of-range values."""
+    of P pixels; truth: (n, P) bool."""
     dtype = np.dtype(dtype)
     k, n, npix = keys.shape
-    if (k > 16 or 2**k >= npix) and any(m.rule == "staple" for m in methods):
-        return None  # the dense STAPLE runs pixel-wise EM there: same numbers only that way
     lo, hi = keys.amin(0), keys.amax(0)  # two int reductions beat one aminmax on CPU
     if bool(lo.min() < 0) or bool(hi.max() > value_key(1.0, dtype)):
         return None
@@ -154,35 +166,21 @@ def score_chunk(
         t_sub = truth.reshape(-1).index_select(0, idx)
         fg_n = _count(fg, 1)
         fg_t = _count(fg & truth, 1)
-        needs_values = any(
-            m.rule in ("soft", "weighted", "logit_mean") or (m.rule == "median" and k % 2 == 0)
-            for m in group
-        )
-        values = sub.view(_VALUE_DTYPES[dtype]).to(torch.float32) if needs_values else None
+        band = Band(sub, votes, count, dtype, split_n, fg_n, npix)
 
         rule_rows: list[Tensor] = []
         row_of: dict[str, tuple[str, int]] = {}  # method -> ("vote" | "rule", row)
-        flips: dict[str, tuple[Tensor, Tensor]] = {}  # STAPLE's labels of the agreement patterns
+        flips: dict[str, tuple[Tensor, Tensor]] = {}  # the labels of the unanimous pixels
         for m in group:
             if m.model is not None:
                 row_of[m.name] = ("vote", m.model)
                 continue
-            if m.rule == "hard":
-                lab = count > k // 2  # a strict majority: 2c > K
-            elif m.rule == "max":
-                lab = torch.ones_like(count, dtype=torch.bool)  # some model is above t
-            elif m.rule == "median":
-                lab = _median_labels(votes, count, values, m.threshold)
-            elif m.rule in ("soft", "weighted", "logit_mean"):
-                lab = voting.fuse_labels(
-                    m.rule, values.reshape(k, 1, 1, 1, -1), weights, m.threshold
-                ).reshape(-1)
-            elif m.rule == "staple":
-                lab, flips[m.name] = _staple_labels(votes, split_n, fg_n, npix, k)
-            else:
-                raise ValueError(f"no agreement scoring for rule {m.rule!r}")
+            w = weights if m.weights is None else torch.tensor(m.weights, dtype=torch.float32)
+            got = rules.get(m.rule).band(band, m.threshold, w)
+            if got.on_bg is not None:
+                flips[m.name] = (got.on_bg, got.on_fg)
             row_of[m.name] = ("rule", len(rule_rows))
-            rule_rows.append(lab.to(torch.bool))
+            rule_rows.append(got.labels.to(torch.bool))
         rows = {"vote": votes}
         if rule_rows:
             rows["rule"] = torch.stack(rule_rows)
@@ -197,7 +195,7 @@ def score_chunk(
             kind, j = row_of[m.name]
             tp, ps = fg_t + sub_tp[kind][j], fg_n + sub_ps[kind][j]
             labels = None
-            if m.name in flips:  # STAPLE: pattern "all 0" / "all 1" labels per image
+            if m.name in flips:  # e.g. STAPLE: its labels of "all 0" / "all 1" per image
                 on_bg, on_fg = flips[m.name]
                 tp = on_fg * fg_t + on_bg * bg_t + sub_tp[kind][j]
                 ps = on_fg * fg_n + on_bg * bg_n + sub_ps[kind][j]
@@ -209,77 +207,3 @@ def score_chunk(
                 labels.view(-1)[idx] = rows[kind][j]
             out[m.name] = Scored(tp, ps, labels)
     return out
-
-
-def dense_labels(probs: Tensor, method: Method, weights: Tensor | None) -> Tensor:
-    """(n, H, W) uint8 labels of one method from fusing every pixel of a float32
-    (K, n, C, H, W) chunk: the reference path, and the one vertebrae mode takes."""
-    if method.model is not None:
-        return voting.to_labels(probs[method.model], method.threshold)
-    return voting.fuse_labels(method.rule, probs, weights, threshold=method.threshold)
-
-
-def score_raw(
-    raw: np.ndarray,
-    truth: np.ndarray,
-    methods: Sequence[Method],
-    weights: Tensor | None,
-    want_labels: bool = False,
-) -> tuple[dict[str, Scored], Tensor] | None:
-    """`score_chunk` on a chunk as the store's reader yields it, (K, n, 1, H, W) float16 or
-    float32 (writeable), with (n, H, W) truth labels; also returns the per-image truth
-    counts. None when the chunk needs the dense path (vertebrae mode, another dtype, an
-    unsupported rule, or values outside [0, 1])."""
-    dtype = raw.dtype
-    if (
-        dtype not in KEY_DTYPES
-        or raw.ndim != 5
-        or raw.shape[2] != 1
-        or any(m.rule is not None and m.rule not in SUPPORTED for m in methods)
-    ):
-        return None
-    k, n = raw.shape[:2]
-    keys = torch.from_numpy(raw).view(KEY_DTYPES[dtype]).reshape(k, n, -1)
-    fg = torch.from_numpy(np.ascontiguousarray(truth != 0)).reshape(n, -1)
-    scored = score_chunk(keys, fg, methods, weights, dtype, want_labels)
-    return None if scored is None else (scored, _count(fg, 1))
-
-
-def _median_labels(votes: Tensor, count: Tensor, values: Tensor | None, t: float) -> Tensor:
-    """median > t from the vote counts; an even K's exact tie needs the two middle values.
-
-    Odd K: the middle value exceeds t iff a majority does. Even K: with more than K/2 votes
-    both middle values exceed t, with fewer neither does; with exactly K/2 the lower middle
-    is the largest value <= t and the upper the smallest value > t, averaged as the dense
-    rule does."""
-    k = votes.shape[0]
-    lab = count > k // 2  # 2c > K
-    if k % 2:
-        return lab
-    tie = (count == k // 2).nonzero().squeeze(1)
-    if tie.numel():
-        v = values.index_select(1, tie)
-        up = votes.index_select(1, tie)
-        upper = torch.where(up, v, torch.inf).amin(0)
-        lower = torch.where(up, -torch.inf, v).amax(0)
-        lab[tie] = ((lower + upper) / 2).clamp_(0.0, 1.0) > t
-    return lab
-
-
-def _staple_labels(
-    votes: Tensor, split_n: Tensor, fg_n: Tensor, npix: int, k: int
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """STAPLE per image from pattern counts: the disagreement pixels' own codes plus the
-    agreement pixels as pattern 0 (all background) and pattern 2^K - 1 (all foreground).
-
-    votes: (K, M) of the disagreement pixels, image by image (split_n of image i)."""
-    n, n_pat = len(split_n), 2**k
-    img = torch.repeat_interleave(torch.arange(n), split_n)
-    codes = voting.vote_codes(votes)
-    flat = img * n_pat + codes
-    counts = torch.bincount(flat, minlength=n * n_pat).reshape(n, n_pat)
-    counts[:, 0] += npix - fg_n - split_n
-    counts[:, n_pat - 1] += fg_n
-    post = voting.staple_patterns(counts, k).posterior.clamp(0.0, 1.0)
-    on = post > 0.5
-    return on.reshape(-1)[flat], (on[:, 0], on[:, n_pat - 1])

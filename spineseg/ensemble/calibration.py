@@ -95,13 +95,13 @@ def _labels(masks: np.ndarray, channels: int) -> torch.Tensor:
 
 def _sources(spec: Any, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each model's and each rule's scores on one chunk (K,n,C,H,W)."""
-    from spineseg.ensemble import voting
+    from spineseg.ensemble import rules
     from spineseg.ensemble.evaluate import MODEL_PREFIX
 
     weights = torch.tensor(spec.weights, dtype=torch.float32)
     out = {f"{MODEL_PREFIX}{m}": chunk[k] for k, m in enumerate(spec.models)}
     for rule in spec.rules:
-        out[rule] = voting.fuse(rule, chunk, weights=weights, threshold=spec.threshold)
+        out[rule] = rules.fuse(rule, chunk, weights=weights, threshold=spec.threshold)
     return out
 
 

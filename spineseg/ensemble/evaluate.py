@@ -24,11 +24,12 @@ import torch
 
 from spineseg.checks import check_numbers
 from spineseg.ensemble import (
-    agreement,
     calibration,
     metrics,
     postprocess,
     quality,
+    rules,
+    scoring,
     stats,
     tta,
     voting,
@@ -43,7 +44,6 @@ from spineseg.ensemble.store import (
     SPLITS,
     PredictionStore,
     Truth,
-    checked_float32,
     iter_raw_chunks,
     load_chunk,
     read_rows,
@@ -139,8 +139,7 @@ def ensemble_config(cfg: Any = None) -> dict[str, Any]:
             out[key] = value
     out["rules"] = list(out["rules"])
     for rule in out["rules"]:
-        if rule not in voting.RULES:
-            raise ConfigError(choices_message("voting rule", rule, list(voting.RULES)))
+        rules.get(rule)
     out["postprocess"] = postprocess.check_names([p for p in out["postprocess"] if p != "none"])
     if out["tta"] != "val":
         tta.check(str(out["tta"]))
@@ -178,12 +177,12 @@ class EnsembleSpec:
 
 
 # ---------------------------------------------------------------------- the one pass
-def scored_methods(spec: EnsembleSpec) -> list[agreement.Method]:
+def scored_methods(spec: EnsembleSpec) -> list[scoring.Method]:
     """Every rule at its threshold, then every model at the models' threshold."""
     return [
-        *[agreement.Method(r, spec.thresholds.get(r, spec.threshold), rule=r) for r in spec.rules],
+        *[scoring.Method(r, spec.thresholds.get(r, spec.threshold), rule=r) for r in spec.rules],
         *[
-            agreement.Method(MODEL_PREFIX + m, spec.threshold, model=k)
+            scoring.Method(MODEL_PREFIX + m, spec.threshold, model=k)
             for k, m in enumerate(spec.models)
         ],
     ]
@@ -208,10 +207,8 @@ def evaluate_arrays(
     single model once more, as `<method>+<name>`, scored on the post-processed labels.
 
     `probs` are K (N,C,H,W) arrays aligned with `spec.models` (memmaps or in memory); one
-    chunk of them is read at a time, the next while the current one is scored. Binary
-    float16/float32 chunks are scored by `agreement.score_chunk` (rules evaluated only
-    where the models disagree); other chunks by fusing every pixel. Both give the same
-    labels."""
+    chunk of them is read at a time, the next while the current one is scored
+    (`scoring.score_chunk`)."""
     if len(probs) != len(spec.models):
         raise StoreError(
             f"split {split!r}: {len(probs)} probability arrays for {len(spec.models)} models"
@@ -269,22 +266,14 @@ def evaluate_arrays(
         truth = read_rows(masks, sl)
         sp = None if spacing is None else np.asarray(spacing[sl], dtype=np.float64)
         axis = None if vertebrae is None else metrics.spine_axis(read_rows(vertebrae, sl), sp)
-        fast = agreement.score_raw(raw, truth, methods, weights, want_labels=want_labels)
-        if fast is not None:
-            scored, ts = fast
-            for m in methods:
-                got = scored[m.name]
-                labels = None if got.labels is None else got.labels.reshape(truth.shape).numpy()
-                overlap = metrics.overlap_from_counts(got.tp, got.ps, ts)
-                add(m.name, overlap, labels, truth, sl, sp, axis)
-                add_post(m.name, labels, truth, sl, sp, axis)
-            continue
-        chunk = checked_float32(raw, spec.models, split, ids[sl])
+        scored = scoring.score_chunk(
+            raw, truth, methods, weights,
+            models=spec.models, split=split, ids=ids[sl], want_labels=want_labels,
+        )  # fmt: skip
         for m in methods:
-            labels = agreement.dense_labels(chunk, m, weights)
-            overlap = metrics.overlap_metrics(labels, truth, num_classes)
-            add(m.name, overlap, labels, truth, sl, sp, axis)
-            add_post(m.name, labels, truth, sl, sp, axis)
+            got = scored[m.name]
+            add(m.name, got.overlap, got.labels, truth, sl, sp, axis)
+            add_post(m.name, got.labels, truth, sl, sp, axis)
     df = pd.DataFrame(cols, columns=list(PER_IMAGE_COLUMNS))
     # Same table whatever the chunk size: methods in report order, images in store order.
     rank = {m: i for i, m in enumerate(method_order(list(dict.fromkeys(df["method"])), spec.rules))}
@@ -574,10 +563,15 @@ def gallery_cases(
         return []
     where = {i: k for k, i in enumerate(truth.ids.tolist())}
     index = np.array([where[i] for i in picks])
-    chunk = torch.from_numpy(load_chunk(probs, spec.models, split, truth.ids, index))
-    t = spec.thresholds.get(rule, spec.threshold)
+    raw = np.stack([read_rows(p, index) for p in probs])
+    method = scoring.Method(rule, spec.thresholds.get(rule, spec.threshold), rule=rule)
     weights = torch.tensor(spec.weights, dtype=torch.float32)
-    labels = voting.fuse_labels(rule, chunk, weights, threshold=t).numpy()
+    fused = scoring.score_chunk(
+        raw, read_rows(truth.masks, index), [method], weights,
+        models=spec.models, split=split, ids=truth.ids[index], want_labels=True,
+    )  # fmt: skip
+    labels = fused[rule].labels.astype(np.uint8)
+    chunk = torch.from_numpy(load_chunk(probs, spec.models, split, truth.ids, index))
     disagree = voting.disagreement(chunk, spec.threshold).numpy()
     dice = scored.set_index("id")["dice"]
     cases = []

@@ -144,7 +144,7 @@ def rule_features(
     post-processing validation chose for the rule, as predict will see them."""
     import torch
 
-    from spineseg.ensemble import postprocess, voting
+    from spineseg.ensemble import postprocess, rules, voting
     from spineseg.ensemble.store import iter_chunks, load_chunk
 
     arrays = [data.probs[m] for m in spec.models]
@@ -155,7 +155,7 @@ def rule_features(
         spread = voting.disagreement(chunk, spec.threshold).numpy()
         for rule in spec.rules:
             t = spec.thresholds.get(rule, spec.threshold)
-            labels = voting.fuse_labels(rule, chunk, weights, threshold=t).numpy()
+            labels = rules.fuse_labels(rule, chunk, weights, threshold=t).numpy()
             labels = postprocess.apply(post.get(rule, "none"), labels)
             out[rule] += [film_features(lab, s) for lab, s in zip(labels, spread, strict=True)]
     return out

@@ -18,16 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from spineseg.ensemble import agreement, metrics, voting
-from spineseg.ensemble.store import (
-    PredictionStore,
-    SplitData,
-    checked_float32,
-    iter_chunks,
-    iter_raw_chunks,
-    load_chunk,
-    read_rows,
-)
+from spineseg.ensemble import rules as rule_registry
+from spineseg.ensemble.scoring import Method, score_chunk
+from spineseg.ensemble.store import PredictionStore, SplitData, iter_raw_chunks, read_rows
 from spineseg.errors import ConfigError, StoreError
 from spineseg.utils.io import atomic_write_json
 
@@ -101,39 +94,38 @@ class Selection:
 
 
 # ---------------------------------------------------------------------- scoring
-def _chunk_dice(labels: torch.Tensor, masks: np.ndarray, num_classes: int) -> np.ndarray:
-    truth = torch.from_numpy(np.asarray(masks).astype(np.int64))
-    out = metrics.overlap_metrics(labels, truth, num_classes)
-    return np.asarray(out["dice"], dtype=np.float64)
-
-
 def _chunk_dices(
-    data: Any,
-    arrays: Sequence[np.ndarray],
+    data: SplitData,
     models: Sequence[str],
-    methods: Sequence[agreement.Method],
+    methods: Sequence[Method],
     weights: torch.Tensor | None,
     chunk_size: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """{method: per-image Dice} per chunk of the validation split: the
-    agreement path where it applies, else every pixel fused (as the evaluator does)."""
+    """{method: per-image Dice} per chunk of the validation split (`scoring.score_chunk`)."""
+    arrays = [data.probs[m] for m in models]
     for sl, raw in iter_raw_chunks(arrays, chunk_size):
         masks = read_rows(data.truth.masks, sl)
-        fast = agreement.score_raw(raw, masks, methods, weights)
-        if fast is not None:
-            scored, ts = fast
-            yield {
-                m.name: metrics.overlap_from_counts(scored[m.name].tp, scored[m.name].ps, ts)[
-                    "dice"
-                ]
-                for m in methods
-            }
-            continue
-        probs = checked_float32(raw, models, VAL, data.truth.ids[sl])
-        yield {
-            m.name: _chunk_dice(agreement.dense_labels(probs, m, weights), masks, data.num_classes)
-            for m in methods
-        }
+        scored = score_chunk(
+            raw, masks, methods, weights, models=models, split=VAL, ids=data.truth.ids[sl]
+        )
+        yield {m.name: scored[m.name].overlap["dice"] for m in methods}
+
+
+def _mean_dices(
+    data: SplitData,
+    models: Sequence[str],
+    methods: Sequence[Method],
+    weights: torch.Tensor | None,
+    chunk_size: int,
+) -> dict[str, float]:
+    """{method: mean per-image validation Dice}, images with an undefined Dice left out."""
+    totals = dict.fromkeys((m.name for m in methods), 0.0)
+    counts = dict.fromkeys(totals, 0)
+    for dice in _chunk_dices(data, models, methods, weights, chunk_size):
+        for name, d in dice.items():
+            totals[name] += float(np.nansum(d))
+            counts[name] += int(np.isfinite(d).sum())
+    return {n: totals[n] / counts[n] if counts[n] else float("nan") for n in totals}
 
 
 def validation_scores(
@@ -141,17 +133,8 @@ def validation_scores(
 ) -> dict[str, float]:
     """Mean per-image validation Dice of each model, streamed chunk by chunk."""
     data = view.open(models)
-    arrays = [data.probs[m] for m in models]
-    totals = np.zeros(len(models))
-    counts = np.zeros(len(models))
-    methods = [agreement.Method(m, threshold, model=k) for k, m in enumerate(models)]
-    for dice in _chunk_dices(data, arrays, models, methods, None, chunk_size):
-        for k, m in enumerate(methods):
-            totals[k] += np.nansum(dice[m.name])
-            counts[k] += np.isfinite(dice[m.name]).sum()
-    with np.errstate(invalid="ignore"):
-        means = totals / counts
-    return {m: float(v) for m, v in zip(models, means, strict=True)}
+    methods = [Method(m, threshold, model=k) for k, m in enumerate(models)]
+    return _mean_dices(data, models, methods, None, chunk_size)
 
 
 def rank(scores: dict[str, float]) -> list[str]:
@@ -186,24 +169,17 @@ def greedy_select(
         raise ConfigError(f"ensemble.greedy_size must be >= 1, got {size}")
     library = rank(scores)
     data = view.open(library)
-    arrays = [data.probs[m] for m in library]
-    counts = np.zeros(len(library))
+    counts = np.zeros(len(library), dtype=np.int64)
     counts[0] = 1
     trace = [scores[library[0]]]
     while counts.sum() < size:
-        sums = np.zeros(len(library))
-        n = np.zeros(len(library))
-        for sl in iter_chunks(data.truth.n, chunk_size):
-            probs = torch.from_numpy(load_chunk(arrays, library, VAL, data.truth.ids, sl))
-            base = torch.tensordot(torch.from_numpy(counts).float(), probs, dims=1)
-            masks = read_rows(data.truth.masks, sl)
-            for j in range(len(library)):
-                mean = (base + probs[j]) / (counts.sum() + 1)
-                dice = _chunk_dice(voting.to_labels(mean, threshold), masks, data.num_classes)
-                sums[j] += np.nansum(dice)
-                n[j] += np.isfinite(dice).sum()
-        with np.errstate(invalid="ignore"):
-            cand = np.nan_to_num(sums / n, nan=-np.inf)
+        # Each candidate multiset's mean probability is a weighted vote, weights = counts.
+        methods = [
+            Method(str(j), threshold, rule="weighted", weights=tuple(map(float, counts + e)))
+            for j, e in enumerate(np.eye(len(library), dtype=np.int64))
+        ]
+        dice = _mean_dices(data, library, methods, None, chunk_size)
+        cand = np.nan_to_num(np.array([dice[m.name] for m in methods]), nan=-np.inf)
         j = int(np.argmax(cand))  # first maximum = the better-ranked model on ties
         if not cand[j] > trace[-1] + 1e-12:
             break
@@ -230,22 +206,15 @@ def tune_thresholds(
     if data.channels > 1:
         log.info("vertebrae mode labels by argmax: no thresholds to tune")
         return {r: default for r in rules}, {}
-    arrays = [data.probs[m] for m in models]
     w = torch.tensor(list(weights), dtype=torch.float32)
-    sums = np.zeros((len(rules), len(grid)))
-    n = np.zeros((len(rules), len(grid)))
     methods = [
-        agreement.Method(f"{rule}@{g}", float(t), rule=rule)
-        for rule in rules
-        for g, t in enumerate(grid)
+        Method(f"{rule}@{g}", float(t), rule=rule) for rule in rules for g, t in enumerate(grid)
     ]
-    for dice in _chunk_dices(data, arrays, models, methods, w, chunk_size):
-        for r, rule in enumerate(rules):
-            for g in range(len(grid)):
-                sums[r, g] += np.nansum(dice[f"{rule}@{g}"])
-                n[r, g] += np.isfinite(dice[f"{rule}@{g}"]).sum()
-    with np.errstate(invalid="ignore"):
-        means = np.nan_to_num(sums / n, nan=-np.inf)
+    dice = _mean_dices(data, models, methods, w, chunk_size)
+    means = np.nan_to_num(
+        np.array([[dice[f"{rule}@{g}"] for g in range(len(grid))] for rule in rules]),
+        nan=-np.inf,
+    )
     closeness = -np.abs(np.asarray(grid) - default)
     thresholds = {}
     for r, rule in enumerate(rules):
@@ -266,7 +235,7 @@ def select_models(
     k: int = 10,
     method: str = "top_k",
     greedy_size: int = 20,
-    rules: Sequence[str] = tuple(voting.RULES),
+    rules: Sequence[str] = tuple(rule_registry.RULES),
     threshold: float = 0.5,
     tune_threshold: bool = False,
     chunk_size: int = 16,

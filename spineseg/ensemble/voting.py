@@ -1,7 +1,7 @@
 """Voting rules: fuse K models' stored probabilities into one score map per image.
 
 Pure functions of tensors so they can be tested without Lightning and reused by the stateful
-layers (selection, evaluation, callbacks); the paper's comparison of rules lives in `RULES`.
+layers (selection, evaluation, callbacks); `rules.RULES` names them and says how each decides.
 
 Shapes: `probs` is (K, N, C, H, W) float in [0, 1] (K models, N images). `C == 1` is binary
 "region" mode (the channel is P(foreground)); `C > 1` is "vertebrae" mode (softmax over classes,
@@ -23,20 +23,18 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from spineseg.errors import ConfigError, choices_message
+from spineseg.errors import ConfigError
 
 __all__ = [
-    "RULES",
     "StapleResult",
     "disagreement",
-    "fuse",
     "hard_vote",
     "logit_mean",
     "max_vote",
@@ -337,27 +335,6 @@ def staple(
     return _finish(post.reshape(n, c, h, w))
 
 
-RULES: dict[str, Callable[..., Tensor]] = {
-    "soft": soft_vote,
-    "hard": hard_vote,
-    "weighted": weighted_vote,
-    "max": max_vote,
-    "median": median_vote,
-    "staple": staple,
-    "logit_mean": logit_mean,
-}
-
-
-def fuse(name: str, probs: Tensor, weights: WeightsLike = None, threshold: float = 0.5) -> Tensor:
-    """Apply the rule called `name` (a key of `RULES`); bad names are config errors."""
-    rule = RULES.get(name)
-    if rule is None:
-        raise ConfigError(choices_message("voting rule", name, list(RULES)))
-    if name == "weighted" and weights is None:
-        raise ConfigError("voting rule 'weighted' needs weights (one per model)")
-    return rule(probs, weights=weights, threshold=threshold)
-
-
 def to_labels(scores: Tensor, threshold: float = 0.5) -> Tensor:
     """Scores (N, C, H, W) -> uint8 labels (N, H, W): binary `score > threshold` (strict, so a
     hard-vote tie is background); multiclass argmax (threshold ignored, ties -> lowest class)."""
@@ -386,17 +363,3 @@ def disagreement(probs: Tensor, threshold: float = 0.5) -> Tensor:
         return torch.zeros(votes.shape[1:], dtype=torch.float32, device=probs.device)
     modal = _vote_fractions(votes, classes).amax(dim=1)
     return ((1.0 - modal) / (1.0 - 1.0 / min(k, classes))).clamp_(0.0, 1.0)
-
-
-#: Rules whose fused score is a vote fraction or a posterior: the threshold t binarises each
-#: model's probabilities, and the fused decision is then the majority / MAP at 0.5.
-#: Applying t a second time would turn a tuned t=0.3 into "30% of models", not a majority.
-DECIDE_AT_HALF = frozenset({"hard", "staple"})
-
-
-def fuse_labels(
-    name: str, probs: Tensor, weights: Tensor | None = None, threshold: float = 0.5
-) -> Tensor:
-    """`fuse` then `to_labels`, with the decision threshold each rule means."""
-    scores = fuse(name, probs, weights=weights, threshold=threshold)
-    return to_labels(scores, 0.5 if name in DECIDE_AT_HALF else threshold)

@@ -1,9 +1,10 @@
-"""The agreement path scores exactly what fusing every pixel scores.
+"""Every registered rule scores the same labels on both paths of the one chunk scorer.
 
-`agreement.score_chunk` evaluates the rules only where the models disagree; these tests hold
-it to `voting.fuse_labels` / `voting.to_labels` on every pixel, label for label, including
-values sitting exactly on the threshold, even K (median and hard-vote ties), tuned
-per-rule thresholds and STAPLE's agreement patterns."""
+`agreement.score_keys` evaluates each rule's band kernel only where the models disagree;
+these tests hold it to `rules.fuse_labels` / `voting.to_labels` on every pixel, label for
+label, for every entry of `rules.RULES`, including values sitting exactly on the threshold,
+even K (median and hard-vote ties), tuned per-rule thresholds and STAPLE's agreement
+patterns; and they check that a rule added without a kernel is scored densely."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spineseg.ensemble import agreement, voting
+from spineseg.ensemble import agreement, rules, scoring, voting
 from spineseg.ensemble.evaluate import EnsembleSpec, evaluate_arrays
+from spineseg.ensemble.scoring import Method
 
-RULES = list(voting.RULES)
+RULES = list(rules.RULES)
 #: float16 values around the default threshold and the tuned ones below, plus 0 and 1.
 EDGE = np.array(
     [0.0, 1.0, 0.5, 0.4998, 0.5005, 0.3, 0.2998, 0.3003, 0.6, 0.25, 0.75, 1e-4], dtype=np.float16
@@ -25,19 +27,19 @@ EDGE = np.array(
 
 
 def methods_for(k: int, thresholds: dict[str, float], t_model: float = 0.5):
-    return [agreement.Method(r, thresholds.get(r, 0.5), rule=r) for r in RULES] + [
-        agreement.Method(f"model:{j}", t_model, model=j) for j in range(k)
+    return [Method(r, thresholds.get(r, 0.5), rule=r) for r in RULES] + [
+        Method(f"model:{j}", t_model, model=j) for j in range(k)
     ]
 
 
-def dense_labels(probs16: np.ndarray, m: agreement.Method, weights: torch.Tensor) -> np.ndarray:
+def dense_labels(probs16: np.ndarray, m: Method, weights: torch.Tensor) -> np.ndarray:
     """(n, P) labels from fusing every pixel, the evaluator's reference path."""
     k, n, p = probs16.shape
     chunk = torch.from_numpy(probs16.astype(np.float32)).reshape(k, n, 1, 1, p)
     if m.model is not None:
         return voting.to_labels(chunk[m.model], m.threshold).reshape(n, p).numpy().astype(bool)
     return (
-        voting.fuse_labels(m.rule, chunk, weights, threshold=m.threshold)
+        rules.fuse_labels(m.rule, chunk, weights, threshold=m.threshold)
         .reshape(n, p)
         .numpy()
         .astype(bool)
@@ -49,7 +51,8 @@ def check_chunk(probs16: np.ndarray, truth: np.ndarray, thresholds: dict[str, fl
     weights = torch.as_tensor(w, dtype=torch.float32)
     methods = methods_for(k, thresholds, thresholds.get("model", 0.5))
     keys = torch.from_numpy(probs16.copy()).view(torch.int16)
-    scored = agreement.score_chunk(
+    assert agreement.supports(methods, k, probs16.shape[2])
+    scored = agreement.score_keys(
         keys, torch.from_numpy(truth), methods, weights, np.float16, want_labels=True
     )
     assert scored is not None
@@ -123,7 +126,7 @@ def test_out_of_range_values_go_to_the_dense_path():
         probs[1, 0, 3] = bad
         keys = torch.from_numpy(probs.copy()).view(torch.int16)
         assert (
-            agreement.score_chunk(
+            agreement.score_keys(
                 keys, torch.from_numpy(truth), methods_for(2, {}), None, np.float16
             )
             is None
@@ -144,9 +147,9 @@ def test_evaluator_fast_and_dense_paths_give_one_table(k, monkeypatch):
     """End to end with distances: float16 arrays take the agreement path, the same values as
     float64 arrays take the dense path."""
     calls = []
-    score = agreement.score_chunk
+    score = agreement.score_keys
     monkeypatch.setattr(
-        agreement, "score_chunk", lambda *a, **kw: calls.append(score(*a, **kw)) or calls[-1]
+        agreement, "score_keys", lambda *a, **kw: calls.append(score(*a, **kw)) or calls[-1]
     )
     rng = np.random.default_rng(k)
     n, h, w = 5, 36, 40
@@ -184,6 +187,41 @@ def test_selection_scores_and_tuned_thresholds_match_the_dense_path(tmp_path, mo
     view = ValidationView(make_store(tmp_path, models=models, shape=(40, 36)))
     weights = [0.4, 0.3, 0.2, 0.1]
     fast = validation_scores(view, models), tune_thresholds(view, models, weights, RULES)
-    monkeypatch.setattr(agreement, "score_raw", lambda *a, **kw: None)
+    monkeypatch.setattr(scoring, "_agreement", lambda *a, **kw: None)
     dense = validation_scores(view, models), tune_thresholds(view, models, weights, RULES)
     assert fast == dense
+
+
+def test_a_rule_without_a_kernel_is_scored_densely(monkeypatch):
+    """Adding a rule is one registry entry: without a band kernel the scorer fuses every
+    pixel, and the rule runs beside the others with nothing else to change."""
+    trimmed = rules.Rule("trimmed", lambda p, **kw: voting.median_vote(p))
+    monkeypatch.setitem(rules.RULES, "trimmed", trimmed)
+    rng = np.random.default_rng(3)
+    probs, truth = realistic(5, 3, 300, rng)
+    raw = probs.reshape(5, 3, 1, 15, 20)
+    methods = [Method("trimmed", 0.5, rule="trimmed"), Method("median", 0.5, rule="median")]
+    assert not agreement.supports(methods, 5, 300)
+    got = scoring.score_chunk(
+        raw, truth.reshape(3, 15, 20), methods, None, models=list("abcde"), split="val",
+        ids=["x", "y", "z"],
+    )  # fmt: skip
+    np.testing.assert_array_equal(got["trimmed"].labels, got["median"].labels)
+    np.testing.assert_array_equal(got["trimmed"].overlap["dice"], got["median"].overlap["dice"])
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_every_registered_rule_on_both_paths_of_the_scorer(name, monkeypatch):
+    """`scoring.score_chunk` with and without its agreement path: identical labels and Dice."""
+    rng = np.random.default_rng(len(name))
+    probs, truth = realistic(4, 3, 600, rng)
+    raw, masks = probs.reshape(4, 3, 1, 20, 30), truth.reshape(3, 20, 30).astype(np.uint8)
+    methods = [Method(name, 0.4, rule=name)]
+    weights = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    opts = {"models": list("abcd"), "split": "val", "ids": ["x", "y", "z"], "want_labels": True}
+    fast = scoring.score_chunk(raw.copy(), masks, methods, weights, **opts)[name]
+    monkeypatch.setattr(scoring, "_agreement", lambda *a, **kw: None)
+    dense = scoring.score_chunk(raw.copy(), masks, methods, weights, **opts)[name]
+    np.testing.assert_array_equal(fast.labels.astype(np.uint8), dense.labels)
+    for key in ("dice", "iou", "precision", "recall"):
+        np.testing.assert_allclose(fast.overlap[key], dense.overlap[key], rtol=0, atol=1e-12)
