@@ -26,10 +26,7 @@ Numpy alone reads the store::
 from __future__ import annotations
 
 import json
-import mmap
-import os
 import re
-import struct
 import zipfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spineseg.ensemble.npz import member_names, read_ids, read_member, read_rows, read_rows_into
 from spineseg.ensemble.tta import suffix as tta_suffix
 from spineseg.errors import StoreError
 from spineseg.utils.io import atomic_savez, atomic_write_json, file_digest
@@ -52,7 +50,6 @@ MAX_LABEL = 4  # 0 = background, 1..4 = Th8..Th11
 #: float16 rounding and sigmoid/softmax round-off stay well inside this.
 PROB_TOL = 1e-3
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@,-]*$")
-_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header, 30 bytes
 #: (path, size, mtime, digest) of prediction files already verified in this process.
 _VERIFIED: set[tuple[str, int, int, str]] = set()
 _VALIDATE_ROWS = 32  # images validated / converted at a time when writing
@@ -310,7 +307,7 @@ class PredictionStore:
         """(N,C,H,W) float16, memory-mapped unless `mmap` is False (or the member is
         compressed), so a chunk costs memory only when it is sliced out."""
         path = self._existing(self.probs_path(model, split, tta), f"model {model!r}", split)
-        arr = _read_member(path, "probs", mmap)
+        arr = read_member(path, "probs", mmap)
         ids = self.ids(model, split, tta)
         if arr.ndim != 4 or arr.shape[1] not in CHANNELS or arr.dtype != np.float16:
             raise StoreError(
@@ -323,16 +320,16 @@ class PredictionStore:
 
     def ids(self, model: str, split: str, tta: str = "none") -> np.ndarray:
         path = self._existing(self.probs_path(model, split, tta), f"model {model!r}", split)
-        return _read_ids(path)
+        return read_ids(path)
 
     def truth(self, split: str) -> Truth:
         path = self._existing(self.truth_path(split), "truth", split)
-        masks = _read_member(path, "masks", True)
-        ids = _read_ids(path)
-        members = _member_names(path)
-        images = _read_member(path, "images", True) if "images" in members else None
-        spacing = _read_member(path, "spacing", False) if "spacing" in members else None
-        vertebrae = _read_member(path, "vertebrae", True) if "vertebrae" in members else None
+        masks = read_member(path, "masks", True)
+        ids = read_ids(path)
+        members = member_names(path)
+        images = read_member(path, "images", True) if "images" in members else None
+        spacing = read_member(path, "spacing", False) if "spacing" in members else None
+        vertebrae = read_member(path, "vertebrae", True) if "vertebrae" in members else None
         if masks.ndim != 3 or masks.shape[0] != len(ids):
             raise StoreError(f"{path}: masks {masks.shape} do not match {len(ids)} ids")
         if images is not None and images.shape != masks.shape:
@@ -450,7 +447,7 @@ def iter_raw_chunks(
         m = sl.stop - sl.start
         out = buffers[which][: k * m * per_image].reshape(k, m, *row)
         for j, arr in enumerate(arrays):
-            _read_rows_into(arr, sl, out[j])
+            read_rows_into(arr, sl, out[j])
         return out
 
     if len(buffers) == 1:
@@ -464,65 +461,6 @@ def iter_raw_chunks(
             if i + 1 < len(slices):
                 pending = pool.submit(fill, (i + 1) % 2, slices[i + 1])
             yield sl, chunk
-
-
-def _read_rows_into(arr: np.ndarray, sl: slice, out: np.ndarray) -> None:
-    """`out[...] = arr[sl]`; a whole-file memmap of the same dtype is read straight into
-    `out` with one positioned read (see `read_rows` for why not through the mapping)."""
-    if not (
-        isinstance(arr, np.memmap)
-        and isinstance(arr.base, mmap.mmap)
-        and arr.flags.c_contiguous
-        and arr.filename
-        and arr.dtype == out.dtype
-        and out.flags.c_contiguous
-    ):
-        np.copyto(out, read_rows(arr, sl))
-        return
-    row = out.nbytes // max(1, out.shape[0])
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    offset, done = arr.offset + sl.start * row, 0
-    with open(arr.filename, "rb", buffering=0) as fh:
-        while done < out.nbytes:
-            got = os.preadv(fh.fileno(), [view[done:]], offset + done)
-            if got == 0:
-                raise StoreError(
-                    f"{arr.filename}: truncated (expected {out.nbytes} bytes from image "
-                    f"{sl.start}, read {done})"
-                )
-            done += got
-
-
-def read_rows(arr: np.ndarray, sl: slice | np.ndarray) -> np.ndarray:
-    """`arr[sl]`, but a contiguous slice of a whole-file memmap is read with one pread.
-
-    Pages touched through a mapping stay mapped, and count in the process's RSS, until the
-    map is closed: slicing the memmap would make resident memory grow with N although the
-    data are only the page cache. Reading the byte range keeps it at one chunk."""
-    contiguous = isinstance(sl, slice) and sl.step in (None, 1)
-    if not (
-        contiguous
-        and isinstance(arr, np.memmap)
-        and isinstance(arr.base, mmap.mmap)
-        and arr.flags.c_contiguous
-        and arr.filename
-    ):
-        return arr[sl]
-    start, stop, _ = sl.indices(arr.shape[0])
-    row = int(np.prod(arr.shape[1:], dtype=np.int64))
-    count = max(0, stop - start) * row
-    data = np.fromfile(
-        arr.filename,
-        dtype=arr.dtype,
-        count=count,
-        offset=arr.offset + start * row * arr.dtype.itemsize,
-    )
-    if data.size != count:
-        raise StoreError(
-            f"{arr.filename}: truncated (expected {count} values from image "
-            f"{start}, read {data.size})"
-        )
-    return data.reshape(max(0, stop - start), *arr.shape[1:])
 
 
 # ---------------------------------------------------------------------- validation helpers
@@ -624,78 +562,4 @@ def _same_arrays(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> bool
         old[k].shape == new[k].shape
         and np.array_equal(old[k], new[k], equal_nan=new[k].dtype.kind == "f")
         for k in new
-    )
-
-
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise StoreError(f"{path}: corrupt or truncated npz ({err})") from err
-
-
-def _member_names(path: Path) -> set[str]:
-    with _open_zip(path) as zf:
-        return {n.removesuffix(".npy") for n in zf.namelist()}
-
-
-def _read_ids(path: Path) -> np.ndarray:
-    ids = _read_member(path, "ids", False)
-    if ids.ndim != 1 or ids.dtype.kind not in "US":
-        raise StoreError(f"{path}: ids must be a 1-D string array, got {ids.dtype} {ids.shape}")
-    return ids.astype(str)
-
-
-def _read_member(path: Path, name: str, mmap: bool) -> np.ndarray:
-    """One array of an npz; memory-mapped in place when stored uncompressed."""
-    member = f"{name}.npy"
-    try:
-        with _open_zip(path) as zf:
-            try:
-                info = zf.getinfo(member)
-            except KeyError:
-                raise StoreError(
-                    f"{path}: no {name!r} array (has {', '.join(sorted(zf.namelist()))})"
-                ) from None
-            if mmap and info.compress_type == zipfile.ZIP_STORED:
-                mapped = _memmap_member(path, zf, info)
-                if mapped is not None:
-                    return mapped
-            with zf.open(info) as fh:
-                return np.lib.format.read_array(fh, allow_pickle=False)
-    except StoreError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, struct.error) as err:
-        raise StoreError(f"{path}: corrupt or truncated npz member {name!r} ({err})") from err
-
-
-def _memmap_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray | None:
-    """Map a stored .npy member: its data start is the local header + name + extra field
-    (read from the local header; it can differ from the central directory's) + npy header."""
-    fh = zf.fp
-    if fh is None:
-        return None
-    fh.seek(info.header_offset)
-    sig, *_rest, name_len, extra_len = _LOCAL_HEADER.unpack(fh.read(_LOCAL_HEADER.size))
-    if sig != b"PK\x03\x04":
-        raise StoreError(f"{path}: bad zip local header for {info.filename}")
-    start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-    fh.seek(start)
-    version = np.lib.format.read_magic(fh)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-    else:
-        return None
-    if dtype.hasobject:
-        raise StoreError(f"{path}: {info.filename} holds Python objects")
-    offset = fh.tell()
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if offset - start + nbytes != info.file_size or offset + nbytes > path.stat().st_size:
-        raise StoreError(f"{path}: {info.filename} is truncated")
-    if nbytes == 0:
-        return np.zeros(shape, dtype=dtype)
-    return np.memmap(
-        path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
     )
