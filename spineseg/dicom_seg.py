@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from spineseg.errors import DataError
-from spineseg.labels import STORED_TARGET, TARGET_LEVELS
+from spineseg.names import STORED_TARGET, TARGET_LEVELS
 from spineseg.utils.io import atomic_open
 
 #: What the source must carry for a SEG to reference it.

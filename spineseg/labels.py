@@ -1,4 +1,4 @@
-"""Vertebra levels, label values and training targets: the names every module imports.
+"""From level values to what a target learns; the names themselves are in `spineseg.names`.
 
 A source's label map holds *level values*: 0 is background and value `v` is the vertebra
 `LEVELS[v - 1]`, whichever vertebrae the source happens to label (AASCE labels Th1..L5, the
@@ -12,28 +12,14 @@ from __future__ import annotations
 import numpy as np
 
 from spineseg.errors import ConfigError, DataError, choices_message
-
-#: Every vertebra a label map may name, top to bottom; label value = index + 1.
-LEVELS: tuple[str, ...] = (
-    *(f"C{i}" for i in range(1, 8)),
-    *(f"Th{i}" for i in range(1, 13)),
-    *(f"L{i}" for i in range(1, 6)),
+from spineseg.names import (
+    FIRST_TARGET_VALUE,
+    LEVELS,
+    NUM_TARGET,
+    TARGET_LEVELS,
+    TARGET_VALUES,
+    TARGETS,
 )
-#: The study's region: Th8, Th9, Th10, Th11.
-TARGET_LEVELS: tuple[str, ...] = ("Th8", "Th9", "Th10", "Th11")
-NUM_TARGET = len(TARGET_LEVELS)
-
-#: What a model learns: the binary region (the paper), the four target vertebrae, or
-#: every labelled vertebra (the region is derived from the Th8..Th11 classes).
-TARGETS: tuple[str, ...] = ("region", "vertebrae", "levels")
-#: Channels of what is stored for a target (and of the network, except for `levels`, whose
-#: channels depend on its encoding: `spineseg.models.levels.channels`).
-CHANNELS: dict[str, int] = {"region": 1, "vertebrae": 1 + NUM_TARGET}
-#: Channels stored (and voted on) per target: levels models store the derived region.
-STORED_TARGET: dict[str, str] = {"region": "region", "vertebrae": "vertebrae", "levels": "region"}
-
-#: Default meaning of a folder mask's values 1..4 (documented in the README).
-DEFAULT_MASK_LEVELS: tuple[str, ...] = TARGET_LEVELS
 
 
 def check_target(target: str) -> str:
@@ -60,10 +46,6 @@ def level_values(names: tuple[str, ...] | list[str]) -> np.ndarray:
             f"levels {list(names)} must be distinct and ordered top to bottom (e.g. Th8..Th11)"
         )
     return values
-
-
-TARGET_VALUES: np.ndarray = level_values(TARGET_LEVELS)
-FIRST_TARGET_VALUE = int(TARGET_VALUES[0])
 
 
 def vertebra_labels(levels: np.ndarray) -> np.ndarray:

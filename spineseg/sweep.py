@@ -93,7 +93,7 @@ def _truth_of(job: DictConfig) -> str:
     """What the job's stored ground truth depends on (films, split, size, stored target)."""
     import json
 
-    from spineseg.labels import STORED_TARGET
+    from spineseg.names import STORED_TARGET
 
     data = OmegaConf.to_container(job.data, resolve=True)
     for key in TRUTH_NEUTRAL_DATA:

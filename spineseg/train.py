@@ -28,8 +28,8 @@ from spineseg.data.datamodule import SpineDataModule
 from spineseg.ensemble import tta as TTA
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import RefusedError
-from spineseg.labels import STORED_TARGET
 from spineseg.models.module import SegmentationModule
+from spineseg.names import EXTERNAL, STORED_TARGET, TEST, VAL
 from spineseg.utils.io import file_digest, hold_lock
 
 log = logging.getLogger(__name__)
@@ -304,8 +304,8 @@ def record_failure(cfg: DictConfig, err: BaseException, status: str = "failed") 
 
 
 def _print_table(name: str, val: dict, test: dict) -> None:
-    rows = [("val", val.get("dice"), val.get("iou"))]
-    for split in ("test", "external"):
+    rows = [(VAL, val.get("dice"), val.get("iou"))]
+    for split in (TEST, EXTERNAL):
         if f"{split}/dice" in test:
             rows.append((split, test[f"{split}/dice"], test.get(f"{split}/iou")))
     lines = [f"\n{name}", f"{'split':<10}{'dice':>8}{'iou':>8}"]

@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 from spineseg.ensemble import metrics, voting
 from spineseg.ensemble.callbacks import EnsembleCallback
 from spineseg.ensemble.evaluate import (
-    BEST,
     RESULT_COLUMNS,
     EnsembleSpec,
     ensemble_config,
@@ -27,6 +26,7 @@ from spineseg.ensemble.evaluate import (
 )
 from spineseg.ensemble.hydra_callback import EnsembleOnMultirunEnd
 from spineseg.errors import ConfigError, StoreError
+from spineseg.names import BEST
 
 RULES = ["soft", "hard", "weighted", "max", "median", "staple", "logit_mean"]
 FAST = {"n_boot": 50, "gallery_n": 2, "top_k": 2}

@@ -12,7 +12,8 @@ from dicom_fixtures import write_dicom
 from spineseg.data.folder import folder_source
 from spineseg.data.sources import build_source
 from spineseg.errors import ConfigError, DataError
-from spineseg.labels import LEVELS, TARGET_LEVELS, level_value, level_values, vertebra_labels
+from spineseg.labels import level_value, level_values, vertebra_labels
+from spineseg.names import LEVELS, TARGET_LEVELS
 
 H, W = 24, 16
 

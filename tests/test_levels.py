@@ -18,16 +18,10 @@ from spineseg.data.synthetic import DOMAINS, film_rng, render_film
 from spineseg.ensemble import metrics, stats
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import ConfigError, DataError
-from spineseg.labels import (
-    LEVELS,
-    TARGET_VALUES,
-    level_value,
-    region_mask,
-    target_masks,
-    vertebra_labels,
-)
+from spineseg.labels import level_value, region_mask, target_masks, vertebra_labels
 from spineseg.models import levels as LV
 from spineseg.models.module import SegmentationModule, metric_truth, probabilities
+from spineseg.names import LEVELS, TARGET_VALUES
 
 REPO = Path(__file__).resolve().parents[1]
 #: experiment=tiny's sizes without its synthetic source options

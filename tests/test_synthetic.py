@@ -24,7 +24,8 @@ from spineseg.data.synthetic import (
     synthetic_source,
 )
 from spineseg.errors import ConfigError
-from spineseg.labels import TARGET_LEVELS, level_value, vertebra_labels
+from spineseg.labels import level_value, vertebra_labels
+from spineseg.names import TARGET_LEVELS
 
 REPO = Path(__file__).resolve().parents[1]
 N_FILMS = 40  # per domain for the statistical checks

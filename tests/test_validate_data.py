@@ -17,7 +17,7 @@ from scipy.io import savemat
 from spineseg.cli.validate_data import validate
 from spineseg.data.sample import Sample
 from spineseg.data.validate import build_report, cross_check, format_report
-from spineseg.labels import FIRST_TARGET_VALUE
+from spineseg.names import FIRST_TARGET_VALUE
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 24, 16

@@ -24,7 +24,8 @@ from spineseg.cli.common import CONF_DIR, one_line_errors
 from spineseg.data.sample import Sample
 from spineseg.data.sources import build_source
 from spineseg.errors import ConfigError
-from spineseg.labels import TARGET_LEVELS, vertebra_labels
+from spineseg.labels import vertebra_labels
+from spineseg.names import TARGET_LEVELS
 from spineseg.utils.io import atomic_open
 
 matplotlib.use("Agg")

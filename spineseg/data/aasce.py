@@ -24,7 +24,8 @@ from spineseg.data.io import check_on_error, handle_error, load_parallel, read_i
 from spineseg.data.sample import Sample
 from spineseg.data.sources import register_source
 from spineseg.errors import ConfigError, DataError, choices_message
-from spineseg.labels import NUM_TARGET, level_value
+from spineseg.labels import level_value
+from spineseg.names import NUM_TARGET
 
 log = logging.getLogger(__name__)
 

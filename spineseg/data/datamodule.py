@@ -30,6 +30,7 @@ from spineseg.data.splits import (
 )
 from spineseg.errors import ConfigError, DataError, choices_message
 from spineseg.labels import check_target, target_masks, vertebra_labels
+from spineseg.names import DATA_SPLITS, EXTERNAL, STORED_SPLITS, TEST, VAL
 from spineseg.utils.io import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -358,7 +359,7 @@ class SpineDataModule(L.LightningDataModule):
             raise DataError(None, f"duplicated film id {dup!r} in the internal dataset")
         assignment = self._splits(internal, patients)
         check_disjoint(assignment, patients)
-        for name in ("train", "val", "test"):
+        for name in DATA_SPLITS:
             keep = [k for k, i in enumerate(internal.ids) if assignment[i] == name]
             if not keep:
                 raise DataError(
@@ -369,7 +370,7 @@ class SpineDataModule(L.LightningDataModule):
                 )
             self.parts[name] = internal.subset(keep)
         if self.external_spec:
-            self.parts["external"] = self._load(self.external_spec)
+            self.parts[EXTERNAL] = self._load(self.external_spec)
         for name, part in self.parts.items():
             part.masks(self.target)  # fail early: per-vertebra target on binary masks
             log.info("%s: %d films", name, len(part.ids))
@@ -409,7 +410,7 @@ class SpineDataModule(L.LightningDataModule):
     @property
     def split_names(self) -> list[str]:
         """Splits that are predicted and stored: val, test and (when set) external."""
-        return [s for s in ("val", "test", "external") if s in self.parts]
+        return [s for s in STORED_SPLITS if s in self.parts]
 
     def dataset(self, split: str, augment: bool = False) -> FilmDataset:
         if split not in self.parts:
@@ -434,11 +435,11 @@ class SpineDataModule(L.LightningDataModule):
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader(VAL)
 
     def test_dataloader(self) -> list[DataLoader]:
         """Index 0 = internal test split, 1 = external set (when configured)."""
-        return [self._loader(s) for s in ("test", "external") if s in self.parts]
+        return [self._loader(s) for s in (TEST, EXTERNAL) if s in self.parts]
 
     def predict_dataloader(self) -> list[DataLoader]:
         return [self._loader(s) for s in self.split_names]

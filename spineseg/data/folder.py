@@ -27,12 +27,13 @@ from spineseg.data.io import (
 from spineseg.data.sample import Sample
 from spineseg.data.sources import register_source
 from spineseg.errors import ConfigError, DataError, choices_message
-from spineseg.labels import DEFAULT_MASK_LEVELS, level_values
+from spineseg.labels import level_values
+from spineseg.names import DATA_SPLITS as SPLITS
+from spineseg.names import DEFAULT_MASK_LEVELS
 
 log = logging.getLogger(__name__)
 
 LABEL_MODES = ("auto", "binary", "vertebrae")
-SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.csv"
 REQUIRED_COLUMNS = ("id", "image", "mask")
 

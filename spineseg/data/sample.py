@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spineseg.errors import DataError
-from spineseg.labels import LEVELS
+from spineseg.names import LEVELS
 
 
 @dataclass

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from spineseg.errors import ConfigError, DataError
+from spineseg.names import DATA_SPLITS as SPLITS
 from spineseg.utils.io import atomic_write_text
-
-SPLITS = ("train", "val", "test")
 
 
 def split_by_patient(

@@ -23,7 +23,8 @@ import numpy as np
 from spineseg.data.sample import Sample
 from spineseg.data.sources import register_source
 from spineseg.errors import ConfigError, choices_message
-from spineseg.labels import TARGET_LEVELS, level_value
+from spineseg.labels import level_value
+from spineseg.names import TARGET_LEVELS
 
 #: Every vertebra the generator knows, top to bottom; ribs attach to Th1..Th12 only.
 LEVELS: tuple[str, ...] = (

@@ -17,7 +17,7 @@ import numpy as np
 
 from spineseg.data.sample import Sample
 from spineseg.errors import DataError
-from spineseg.labels import LEVELS, TARGET_LEVELS, TARGET_VALUES
+from spineseg.names import LEVELS, TARGET_LEVELS, TARGET_VALUES
 
 
 def label_name(value: int) -> str:

@@ -31,10 +31,11 @@ from spineseg.ensemble.evaluate import (
     evaluate_arrays,
     summarize_results,
 )
+from spineseg.names import EXTERNAL, MODEL_PREFIX, TEST
 
 log = logging.getLogger(__name__)
 
-SPLIT_OF_LOADER = {0: "test", 1: "external"}
+SPLIT_OF_LOADER = {0: TEST, 1: EXTERNAL}
 
 
 class EnsembleCallback(L.Callback):
@@ -114,7 +115,7 @@ class EnsembleCallback(L.Callback):
         if self.results is None:
             return out
         for row in self.results.to_dict(orient="records"):
-            if row["method"].startswith("model:"):
+            if row["method"].startswith(MODEL_PREFIX):
                 continue
             for key in ("dice_mean", "iou_mean", "hd95_mean", "assd_mean"):
                 value = float(row[key])

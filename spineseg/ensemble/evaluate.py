@@ -41,7 +41,6 @@ from spineseg.ensemble.selection import (
     select_models,
 )
 from spineseg.ensemble.store import (
-    SPLITS,
     PredictionStore,
     Truth,
     iter_raw_chunks,
@@ -49,12 +48,12 @@ from spineseg.ensemble.store import (
     read_rows,
 )
 from spineseg.errors import ConfigError, StoreError, choices_message
+from spineseg.names import BEST, MODEL_PREFIX, VAL
+from spineseg.names import STORED_SPLITS as SPLITS
 from spineseg.utils.io import atomic_write_json, atomic_write_text, staged_dir
 
 log = logging.getLogger(__name__)
 
-BEST = "best_single"
-MODEL_PREFIX = "model:"
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd")
 PER_IMAGE_COLUMNS = ("split", "method", "id", *METRICS, *metrics.LEVEL_KEYS)
 RESULT_COLUMNS = (
@@ -473,7 +472,7 @@ def candidate_models(store: PredictionStore) -> list[str]:
                 why += f" ({manifest['error']})"
             warnings.warn(f"model {model!r} excluded: {why}", stacklevel=3)
             continue
-        wanted = ["val", *[s for s in manifest.get("splits") or [] if s in SPLITS]]
+        wanted = [VAL, *[s for s in manifest.get("splits") or [] if s in SPLITS]]
         if not store.is_complete(model, list(dict.fromkeys(wanted))):
             warnings.warn(
                 f"model {model!r} excluded: a split in {wanted} is missing or unreadable",
@@ -495,7 +494,7 @@ def choose_tta(
     """The test-time augmentation to use: `wanted`, or with `val` the stored variant whose
     soft vote (else the first rule) has the best mean validation Dice; a tie keeps none.
     Returns the choice and every variant's val Dice per rule."""
-    have = [v for v in tta.VARIANTS if store.has_tta(spec.models, "val", v)]
+    have = [v for v in tta.VARIANTS if store.has_tta(spec.models, VAL, v)]
     if wanted != "val":
         if wanted not in have:
             raise StoreError(
@@ -505,9 +504,9 @@ def choose_tta(
         return wanted, {}
     scores: dict[str, dict[str, float]] = {}
     for variant in have:
-        data = store.open_split(spec.models, "val", variant)
+        data = store.open_split(spec.models, VAL, variant)
         per_image = evaluate_arrays(
-            "val", [data.probs[m] for m in spec.models], data.truth.masks, data.truth.ids,
+            VAL, [data.probs[m] for m in spec.models], data.truth.masks, data.truth.ids,
             spec, chunk_size=chunk_size, distances=False, post=(),
         )  # fmt: skip
         means = per_image.groupby("method")["dice"].mean()
@@ -709,7 +708,7 @@ def _ensemble_into(
     chunk = int(opts["chunk_size"])
     # Temperatures fitted on validation; ECE before and after on every split.
     temperatures = calibration.fit(val, spec, chunk)
-    calibrated = calibration.assess({"val": val, **evaluated}, spec, temperatures, chunk)
+    calibrated = calibration.assess({VAL: val, **evaluated}, spec, temperatures, chunk)
     atomic_write_json(
         out_dir / "calibration.json",
         _json_safe({"temperatures": temperatures, "splits": calibrated}),

@@ -22,11 +22,11 @@ from spineseg.ensemble import rules as rule_registry
 from spineseg.ensemble.scoring import Method, score_chunk
 from spineseg.ensemble.store import PredictionStore, SplitData, iter_raw_chunks, read_rows
 from spineseg.errors import ConfigError, StoreError
+from spineseg.names import VAL
 from spineseg.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-VAL = "val"
 METHODS = ("top_k", "greedy")
 #: Threshold grid of `tune_threshold` (0.05..0.95).
 GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))

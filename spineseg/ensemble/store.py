@@ -40,13 +40,13 @@ import torch
 from spineseg.ensemble.npz import member_names, read_ids, read_member, read_rows, read_rows_into
 from spineseg.ensemble.tta import suffix as tta_suffix
 from spineseg.errors import StoreError
+from spineseg.names import MAX_LABEL
+from spineseg.names import STORED_SPLITS as SPLITS
 from spineseg.utils.io import atomic_savez, atomic_write_json, file_digest
 
-SPLITS: tuple[str, ...] = ("val", "test", "external")
 STATUSES: tuple[str, ...] = ("running", "complete", "failed", "interrupted")
 CHANNELS: tuple[int, ...] = (1, 5)  # region, vertebrae
 TRUTH_DIR = "_truth"
-MAX_LABEL = 4  # 0 = background, 1..4 = Th8..Th11
 #: float16 rounding and sigmoid/softmax round-off stay well inside this.
 PROB_TOL = 1e-3
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@,-]*$")

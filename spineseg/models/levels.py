@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from spineseg.errors import ConfigError, choices_message
-from spineseg.labels import LEVELS, TARGET_VALUES
+from spineseg.names import LEVELS, TARGET_VALUES
 
 ENCODINGS = ("classes", "ordinal")
 #: Width of the ordinal band's logistic edge, in levels.

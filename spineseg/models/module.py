@@ -16,10 +16,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from spineseg.ensemble import tta as TTA
-from spineseg.labels import CHANNELS, STORED_TARGET, TARGET_VALUES, check_target
+from spineseg.labels import check_target
 from spineseg.models import levels as LV
 from spineseg.models.factory import build_model
 from spineseg.models.losses import SegmentationLoss
+from spineseg.names import CHANNELS, STORED_TARGET, TARGET_VALUES
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 1e-4}
 DEFAULT_SCHEDULER = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 10}

@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from spineseg.names import BEST, MODEL_PREFIX
 from spineseg.utils.io import atomic_open
 
 BEST_COLOR = "#7f7f7f"
@@ -33,9 +34,9 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
 
 
 def _color(method: str) -> str:
-    if method == "best_single":
+    if method == BEST:
         return BEST_COLOR
-    return MODEL_COLOR if method.startswith("model:") else RULE_COLOR
+    return MODEL_COLOR if method.startswith(MODEL_PREFIX) else RULE_COLOR
 
 
 def plot_dice_bars(results: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
@@ -64,7 +65,11 @@ def plot_dice_bars(results: pd.DataFrame, path: str | Path, title: str | None = 
             linewidth=0.5,
         )
         ax.set_xticks(
-            x, [m.removeprefix("model:") for m in r["method"]], rotation=45, ha="right", fontsize=8
+            x,
+            [m.removeprefix(MODEL_PREFIX) for m in r["method"]],
+            rotation=45,
+            ha="right",
+            fontsize=8,
         )
         finite = mean[np.isfinite(mean)]
         low = float(np.nanmin(r["dice_ci_low"])) if finite.size else 0.0
@@ -92,7 +97,7 @@ def plot_dice_boxes(
         patch.set_facecolor(_color(m))
     ax.set_xticks(
         np.arange(1, len(methods) + 1),
-        [m.removeprefix("model:") for m in methods],
+        [m.removeprefix(MODEL_PREFIX) for m in methods],
         rotation=45,
         ha="right",
         fontsize=8,

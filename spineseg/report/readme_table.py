@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from spineseg.ensemble.evaluate import BEST, MODEL_PREFIX, level_text
+from spineseg.ensemble.evaluate import level_text
+from spineseg.names import BEST, MODEL_PREFIX
 
 
 def _dice(r: pd.Series) -> str:

@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from spineseg.ensemble.evaluate import MODEL_PREFIX, level_text
+from spineseg.ensemble.evaluate import level_text
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import SpinesegError, StoreError
+from spineseg.names import MODEL_PREFIX
 from spineseg.report import figures as figs
 from spineseg.utils.io import atomic_open, atomic_write_text, staged_dir
 
