@@ -335,7 +335,9 @@ def test_a_kill_mid_ensemble_leaves_the_old_complete_set(tmp_path, monkeypatch) 
     def killed(*args, **kwargs):  # dies after selection.json of the new set is written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate, "write_outputs", killed)
+    from spineseg.report import outputs
+
+    monkeypatch.setattr(outputs, "write_results", killed)
     with pytest.raises(KeyboardInterrupt):
         evaluate.run_ensemble(tmp_path, {**opts, "top_k": 3})
     monkeypatch.undo()

@@ -12,20 +12,20 @@ from omegaconf.errors import MissingMandatoryValue
 
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
 from spineseg.cli.common import CONF_DIR, one_line_errors
-from spineseg.ensemble.evaluate import SUMMARY_COLUMNS
 from spineseg.errors import ConfigError
 
 
 @one_line_errors
 def _run(cfg: DictConfig) -> None:
     from spineseg.ensemble.evaluate import run_ensemble
+    from spineseg.report.tables import console_table
 
     try:
         run_dir = Path(cfg.run_dir)
     except MissingMandatoryValue:
         raise ConfigError("run_dir is required: spineseg-ensemble run_dir=<dir>") from None
     results = run_ensemble(run_dir, cfg.ensemble)
-    print(results[SUMMARY_COLUMNS].to_markdown(index=False, floatfmt=".4f"))
+    print(console_table(results))
     print(
         f"\nresults: {run_dir / 'ensemble'} (results.csv, results.md, results.json, "
         "per_image.csv, selection.json, figures/)"

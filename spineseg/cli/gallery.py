@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
 from spineseg.cli.common import CONF_DIR, one_line_errors
 from spineseg.data.sample import Sample
-from spineseg.data.sources import build_source
+from spineseg.data.sources import build_source, spec_kwargs
 from spineseg.errors import ConfigError
 from spineseg.labels import vertebra_labels
 from spineseg.names import TARGET_LEVELS
@@ -43,12 +43,9 @@ SHADES = 15
 
 def load(spec: dict, n: int) -> list[Sample]:
     """The first n samples of one data spec ({source, root, split, source_kwargs})."""
-    kwargs = dict(spec.get("source_kwargs") or {})
+    kwargs = spec_kwargs(spec)
     if "n" in kwargs:  # a generator need not make films that are not shown
         kwargs["n"] = min(int(kwargs["n"]), n)
-    for key in ("root", "split"):
-        if spec.get(key) is not None:
-            kwargs[key] = spec[key]
     return build_source(spec["source"], on_error="skip", skipped=[], **kwargs)[:n]
 
 

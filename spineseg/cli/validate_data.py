@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
 from spineseg.cli.common import CONF_DIR, one_line_errors
 from spineseg.data.sample import Sample
-from spineseg.data.sources import build_source
+from spineseg.data.sources import build_spec
 from spineseg.data.validate import Report, build_report, cross_check, format_report
 from spineseg.errors import ConfigError, DataError
 from spineseg.labels import vertebra_labels
@@ -32,12 +32,8 @@ from spineseg.utils.io import atomic_open
 def load(spec: dict) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Samples + skipped files of one data spec ({source, root, split, source_kwargs}),
     called exactly as the DataModule calls it, but never stopping at the first bad file."""
-    kwargs = dict(spec.get("source_kwargs") or {})
-    for key in ("root", "split"):
-        if spec.get(key) is not None:
-            kwargs[key] = spec[key]
     skipped: list[tuple[str, str]] = []
-    samples = build_source(spec["source"], on_error="skip", skipped=skipped, **kwargs)
+    samples = build_spec(spec, on_error="skip", skipped=skipped)
     return samples, skipped
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from spineseg.data import geometry as G
 from spineseg.data import transforms as T
 from spineseg.data.sample import Sample
-from spineseg.data.sources import build_source
+from spineseg.data.sources import build_source, spec_kwargs
 from spineseg.data.splits import (
     check_disjoint,
     read_splits_csv,
@@ -226,11 +226,7 @@ def load_source(
     if cached is None and cache == "disk" and path.exists():
         cached = _load_prepared(path)
     if cached is None:
-        kwargs = dict(spec.get("source_kwargs") or {})
-        if root is not None:
-            kwargs["root"] = root
-        if spec.get("split") is not None:
-            kwargs["split"] = spec["split"]
+        kwargs = spec_kwargs({**spec, "root": root})
         left_out: list = []
         samples = build_source(name, on_error=on_error, skipped=left_out, **kwargs)
         if not samples:

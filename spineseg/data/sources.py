@@ -6,7 +6,7 @@ config flat: `data.source=aasce data.root=/path` picks `SOURCES["aasce"]`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from spineseg.data.sample import Sample
@@ -35,3 +35,18 @@ def build_source(name: str, **kwargs: Any) -> list[Sample]:
     if name not in SOURCES:
         raise ConfigError(choices_message("data source", name, list(SOURCES)))
     return SOURCES[name](**kwargs)
+
+
+def spec_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A data spec's ({source, root, split, source_kwargs}) options for its source: the
+    source's own options plus `root` and `split` where set."""
+    kwargs = dict(spec.get("source_kwargs") or {})
+    for key in ("root", "split"):
+        if spec.get(key) is not None:
+            kwargs[key] = spec[key]
+    return kwargs
+
+
+def build_spec(spec: Mapping[str, Any], **kwargs: Any) -> list[Sample]:
+    """Every sample of a data spec; kwargs (on_error, skipped...) go to the source too."""
+    return build_source(spec["source"], **spec_kwargs(spec), **kwargs)

@@ -26,7 +26,6 @@ import torch
 
 from spineseg.ensemble.evaluate import (
     DEFAULTS,
-    SUMMARY_COLUMNS,
     EnsembleSpec,
     evaluate_arrays,
     summarize_results,
@@ -107,7 +106,9 @@ class EnsembleCallback(L.Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics(self.flat_metrics(), step=trainer.global_step)
         if self.verbose and trainer.is_global_zero:
-            print(self.results[SUMMARY_COLUMNS].to_markdown(index=False, floatfmt=".4f"))
+            from spineseg.report.tables import console_table
+
+            print(console_table(self.results))
 
     def flat_metrics(self) -> dict[str, float]:
         """`ensemble/<split>/<method>/<metric>` of the rules and best_single, for a logger."""

@@ -32,25 +32,22 @@ from spineseg.ensemble import (
     scoring,
     stats,
     tta,
-    voting,
 )
 from spineseg.ensemble.selection import (
     Selection,
     ValidationView,
-    save_selection,
     select_models,
 )
 from spineseg.ensemble.store import (
     PredictionStore,
-    Truth,
+    SplitData,
     iter_raw_chunks,
-    load_chunk,
     read_rows,
 )
 from spineseg.errors import ConfigError, StoreError, choices_message
 from spineseg.names import BEST, MODEL_PREFIX, VAL
 from spineseg.names import STORED_SPLITS as SPLITS
-from spineseg.utils.io import atomic_write_json, atomic_write_text, staged_dir
+from spineseg.utils.io import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +92,6 @@ DEFAULTS: dict[str, Any] = {
 
 
 # ---------------------------------------------------------------------- configuration
-#: The columns printed to the console (the CSV has them all).
-SUMMARY_COLUMNS = [
-    "split",
-    "method",
-    "k",
-    "dice_mean",
-    "dice_ci_low",
-    "dice_ci_high",
-    "hd95_mean",
-    "level_error_rate",
-    "rel_improvement_pct",
-    "p_value_vs_best_single",
-]
-
-
 def ensemble_config(cfg: Any = None) -> dict[str, Any]:
     """`cfg` (dict, DictConfig or None) over `DEFAULTS`, validated: a typo is an error, not a
     silently ignored option."""
@@ -361,99 +343,6 @@ def summarize_results(
     return df.reindex(columns=[*RESULT_COLUMNS, *extra])
 
 
-# ---------------------------------------------------------------------- outputs
-def results_markdown(results: pd.DataFrame, n_images: Mapping[str, int] | None = None) -> str:
-    """One Markdown table per split: mean ± sd [95% CI]."""
-
-    def fmt(mean: float, sd: float, lo: float | None = None, hi: float | None = None) -> str:
-        if mean is None or not np.isfinite(mean):
-            return "n/a"
-        text = f"{mean:.4f} ± {sd:.4f}" if np.isfinite(sd) else f"{mean:.4f}"
-        return text if lo is None else f"{text} [{lo:.4f}, {hi:.4f}]"
-
-    parts = []
-    for split in dict.fromkeys(results["split"]):
-        r = results[results["split"] == split]
-        unit = r["distance_unit"].iloc[0]
-        table = pd.DataFrame(
-            {
-                "method": r["method"],
-                "k": r["k"],
-                "Dice": [
-                    fmt(*v)
-                    for v in r[["dice_mean", "dice_sd", "dice_ci_low", "dice_ci_high"]].itertuples(
-                        index=False
-                    )
-                ],
-                "IoU": [fmt(m, s) for m, s in zip(r["iou_mean"], r["iou_sd"], strict=True)],
-                "precision": [f"{v:.4f}" for v in r["precision_mean"]],
-                "recall": [f"{v:.4f}" for v in r["recall_mean"]],
-                f"HD95 ({unit})": [
-                    fmt(m, s) for m, s in zip(r["hd95_mean"], r["hd95_sd"], strict=True)
-                ],
-                f"ASSD ({unit})": [
-                    fmt(m, s) for m, s in zip(r["assd_mean"], r["assd_sd"], strict=True)
-                ],
-                "level errors [95% CI]": [
-                    level_text(*v)
-                    for v in r[
-                        ["level_error_rate", "level_error_ci_low", "level_error_ci_high"]
-                    ].itertuples(index=False)
-                ],
-                "Δ Dice vs best (%)": [f"{v:+.2f}" for v in r["rel_improvement_pct"]],
-                "p (Wilcoxon)": [
-                    "" if not np.isfinite(p) else f"{p:.3g}" for p in r["p_value_vs_best_single"]
-                ],
-            }
-        )
-        n = (n_images or {}).get(split, int(r["n"].iloc[0]))
-        parts.append(f"## {split} (n = {n})\n\n{table.to_markdown(index=False)}\n")
-    return "\n".join(parts)
-
-
-def level_text(rate: float, low: float, high: float) -> str:
-    """A level-error rate as `12.5% [6.1, 23.8]`, n/a where the truth has no vertebrae."""
-    if rate is None or not np.isfinite(rate):
-        return "n/a"
-    return f"{100 * rate:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
-def write_outputs(
-    out_dir: Path,
-    results: pd.DataFrame,
-    per_image: pd.DataFrame,
-    extra: dict[str, Any],
-) -> dict[str, Path]:
-    """results.csv / .md / .json and per_image.csv, each written atomically."""
-    paths = {
-        "results_csv": out_dir / "results.csv",
-        "results_md": out_dir / "results.md",
-        "results_json": out_dir / "results.json",
-        "per_image_csv": out_dir / "per_image.csv",
-    }
-    atomic_write_text(paths["per_image_csv"], per_image.to_csv(index=False))
-    atomic_write_text(paths["results_csv"], results.to_csv(index=False))
-    atomic_write_text(
-        paths["results_md"],
-        "# Ensemble results\n\n" + results_markdown(results, extra.get("n_images")),
-    )
-    payload = {**extra, "results": results.to_dict(orient="records")}
-    atomic_write_json(paths["results_json"], _json_safe(payload))
-    return paths
-
-
 # ---------------------------------------------------------------------- the run
 def candidate_models(store: PredictionStore) -> list[str]:
     """Complete models whose every listed split (and val) is readable; others are
@@ -544,100 +433,90 @@ def choose_postprocess(
     return choice, scores
 
 
-def gallery_cases(
-    split: str,
-    probs: Sequence[np.ndarray],
-    truth: Truth,
-    spec: EnsembleSpec,
-    per_image: pd.DataFrame,
-    n: int,
-) -> list[dict[str, Any]]:
-    """The n best and n worst images by soft-vote Dice, with film, truth, soft-vote labels
-    and the models' disagreement map, for the overlay gallery."""
-    rule = "soft" if "soft" in spec.rules else spec.rules[0]
-    scored = per_image[(per_image["split"] == split) & (per_image["method"] == rule)]
-    scored = scored.sort_values("dice", kind="stable")
-    picks = list(dict.fromkeys([*scored["id"].iloc[::-1][:n], *scored["id"].iloc[:n]]))
-    if not picks:
-        return []
-    where = {i: k for k, i in enumerate(truth.ids.tolist())}
-    index = np.array([where[i] for i in picks])
-    raw = np.stack([read_rows(p, index) for p in probs])
-    method = scoring.Method(rule, spec.thresholds.get(rule, spec.threshold), rule=rule)
-    weights = torch.tensor(spec.weights, dtype=torch.float32)
-    fused = scoring.score_chunk(
-        raw, read_rows(truth.masks, index), [method], weights,
-        models=spec.models, split=split, ids=truth.ids[index], want_labels=True,
-    )  # fmt: skip
-    labels = fused[rule].labels.astype(np.uint8)
-    chunk = torch.from_numpy(load_chunk(probs, spec.models, split, truth.ids, index))
-    disagree = voting.disagreement(chunk, spec.threshold).numpy()
-    dice = scored.set_index("id")["dice"]
-    cases = []
-    for j, image_id in enumerate(picks):
-        cases.append(
-            {
-                "id": image_id,
-                "dice": float(dice[image_id]),
-                "image": None if truth.images is None else np.asarray(truth.images[index[j]]),
-                "truth": np.asarray(truth.masks[index[j]]),
-                "pred": labels[j],
-                "disagreement": disagree[j],
-                "rule": rule,
-            }
-        )
-    return cases
+# ---------------------------------------------------------------------- the run
+@dataclass
+class EnsembleSummary:
+    """Everything one ensemble computes, for `spineseg.report.outputs` to write."""
+
+    run_dir: Path
+    set_id: str  # selection.json and results.json of one set carry the same id
+    opts: dict[str, Any]
+    selection: Selection
+    spec: EnsembleSpec
+    evaluated: dict[str, SplitData]  # the scored held-out splits, as opened
+    per_image: pd.DataFrame
+    results: pd.DataFrame
+    units: dict[str, str]
+    n_images: dict[str, int]
+    temperatures: dict[str, float]
+    calibrated: dict[str, dict[str, dict[str, Any]]]
+    limits: dict[str, quality.Limits]
+    flags_caught: dict[str, dict[str, dict[str, float]]]
 
 
 def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
     """Select on val, evaluate every rule on test/external, write `<run_dir>/ensemble/`.
 
     Returns the results table (one row per split and method)."""
+    from spineseg.report.outputs import write_set
+
     opts = ensemble_config(cfg)
+    store = open_store(run_dir)
+    candidates = candidate_models(store)
+    if not candidates:
+        raise StoreError(f"{store.root}: no complete model with a readable val split")
+    final = Path(run_dir) / "ensemble"
+    with staged_dir(final) as out_dir:  # a kill leaves the old complete set, or the new one
+        summary = compute(store, candidates, opts)
+        write_set(out_dir, summary)
+    log.info("ensemble results written to %s", final)
+    return summary.results
+
+
+def open_store(run_dir: str | Path) -> PredictionStore:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise StoreError(f"run_dir {run_dir} does not exist")
     store = PredictionStore(run_dir)
     if not store.root.is_dir():
         raise StoreError(f"{store.root} does not exist: no predictions in run_dir {run_dir}")
-    candidates = candidate_models(store)
-    if not candidates:
-        raise StoreError(f"{store.root}: no complete model with a readable val split")
-    final = run_dir / "ensemble"
-    set_id = uuid.uuid4().hex  # selection.json and results.json of one set carry the same id
-    with staged_dir(final) as out_dir:  # a kill leaves the old complete set, or the new one
-        results = _ensemble_into(out_dir, run_dir, store, candidates, opts, set_id)
-    log.info("ensemble results written to %s", final)
-    return results
+    return store
 
 
-def _with_calibration(results: pd.DataFrame, calibrated: Mapping[str, Any]) -> pd.DataFrame:
-    """results gain `temperature`, `ece` and `ece_calibrated` for each rule and model (the
-    rows of post-processed labels share their rule's probabilities: left empty)."""
-    rows = [
-        {
-            "split": split,
-            "method": name,
-            **{k: c[k] for k in ("temperature", "ece", "ece_calibrated")},
-        }
-        for split, names in calibrated.items()
-        for name, c in names.items()
-    ]
-    cols = ["temperature", "ece", "ece_calibrated"]
-    merged = results.drop(columns=cols).merge(
-        pd.DataFrame(rows), on=["split", "method"], how="left"
+def compute(store: PredictionStore, candidates: list[str], opts: dict[str, Any]) -> EnsembleSummary:
+    """The whole ensemble, in memory: select on val, score every split, the statistics, the
+    temperatures and the quality limits."""
+    selection, spec = choose(store, candidates, opts)
+    evaluated, per_image, units = evaluate_splits(store, spec, selection, opts)
+    results = summarize_results(per_image, spec, int(opts["n_boot"]), int(opts["seed"]), units)
+    chunk = int(opts["chunk_size"])
+    val = ValidationView(store, tta=selection.tta).open(spec.models)
+    # Temperatures fitted on validation; ECE before and after on every split.
+    temperatures = calibration.fit(val, spec, chunk)
+    calibrated = calibration.assess({VAL: val, **evaluated}, spec, temperatures, chunk)
+    results = _with_calibration(results, calibrated)
+    # Quality flags: normal ranges from validation, then how well they catch poor results.
+    limits, flags_caught, flag_rows = quality.assess(
+        val, evaluated, spec, selection.postprocess, per_image, chunk
     )
-    return merged.reindex(columns=list(results.columns))
+    if flag_rows:
+        per_image = per_image.merge(
+            pd.DataFrame(flag_rows), on=["split", "method", "id"], how="left"
+        )
+    return EnsembleSummary(
+        run_dir=store.run_dir, set_id=uuid.uuid4().hex, opts=opts, selection=selection,
+        spec=spec, evaluated=evaluated, per_image=per_image, results=results, units=units,
+        n_images={s: d.truth.n for s, d in evaluated.items()}, temperatures=temperatures,
+        calibrated=calibrated, limits=limits, flags_caught=flags_caught,
+    )  # fmt: skip
 
 
-def _ensemble_into(
-    out_dir: Path,
-    run_dir: Path,
-    store: PredictionStore,
-    candidates: list[str],
-    opts: dict[str, Any],
-    set_id: str,
-) -> pd.DataFrame:
+def choose(
+    store: PredictionStore, candidates: list[str], opts: dict[str, Any]
+) -> tuple[Selection, EnsembleSpec]:
+    """Everything decided on validation: the models and their weights, the thresholds, the
+    test-time augmentation and each rule's post-processing."""
+    chunk = int(opts["chunk_size"])
     selection = select_models(
         ValidationView(store),
         candidates,
@@ -647,19 +526,22 @@ def _ensemble_into(
         rules=opts["rules"],
         threshold=float(opts["threshold"]),
         tune_threshold=bool(opts["tune_threshold"]),
-        chunk_size=int(opts["chunk_size"]),
+        chunk_size=chunk,
     )
     spec = EnsembleSpec.from_selection(selection, opts["rules"], float(opts["threshold"]))
-    selection.tta, selection.tta_scores = choose_tta(
-        store, spec, str(opts["tta"]), int(opts["chunk_size"])
-    )
+    selection.tta, selection.tta_scores = choose_tta(store, spec, str(opts["tta"]), chunk)
     selection.postprocess, selection.postprocess_scores = choose_postprocess(
-        ValidationView(store, tta=selection.tta), spec, opts["postprocess"],
-        int(opts["chunk_size"]),
-    )  # fmt: skip
-    save_selection(selection, out_dir / "selection.json", set_id)
+        ValidationView(store, tta=selection.tta), spec, opts["postprocess"], chunk
+    )
+    return selection, spec
 
-    frames, units, n_images, evaluated = [], {}, {}, {}
+
+def evaluate_splits(
+    store: PredictionStore, spec: EnsembleSpec, selection: Selection, opts: dict[str, Any]
+) -> tuple[dict[str, SplitData], pd.DataFrame, dict[str, str]]:
+    """Per-image metrics of every method on each held-out split every selected model has;
+    returns the opened splits, the per-image table and each split's distance unit."""
+    frames, units, evaluated = [], {}, {}
     for split in opts["splits"]:
         have = [m for m in spec.models if store.has_tta([m], split, selection.tta)]
         if not have and not store.has_truth(split):
@@ -675,14 +557,10 @@ def _ensemble_into(
         data = store.open_split(spec.models, split, selection.tta)
         spacing = data.truth.distance_spacing
         units[split] = "mm" if spacing is not None else "px"
-        n_images[split] = data.truth.n
         log.info(
             "evaluating %s: %d images, %d models, %d rules",
-            split,
-            data.truth.n,
-            len(spec.models),
-            len(spec.rules),
-        )
+            split, data.truth.n, len(spec.models), len(spec.rules),
+        )  # fmt: skip
         frames.append(
             evaluate_arrays(
                 split,
@@ -702,90 +580,23 @@ def _ensemble_into(
         raise StoreError(
             f"{store.root}: none of the splits {opts['splits']} is stored for the selected models"
         )
-    per_image = pd.concat(frames, ignore_index=True)
-    results = summarize_results(per_image, spec, int(opts["n_boot"]), int(opts["seed"]), units)
-    val = ValidationView(store, tta=selection.tta).open(spec.models)
-    chunk = int(opts["chunk_size"])
-    # Temperatures fitted on validation; ECE before and after on every split.
-    temperatures = calibration.fit(val, spec, chunk)
-    calibrated = calibration.assess({VAL: val, **evaluated}, spec, temperatures, chunk)
-    atomic_write_json(
-        out_dir / "calibration.json",
-        _json_safe({"temperatures": temperatures, "splits": calibrated}),
+    return evaluated, pd.concat(frames, ignore_index=True), units
+
+
+def _with_calibration(results: pd.DataFrame, calibrated: Mapping[str, Any]) -> pd.DataFrame:
+    """results gain `temperature`, `ece` and `ece_calibrated` for each rule and model (the
+    rows of post-processed labels share their rule's probabilities: left empty)."""
+    rows = [
+        {
+            "split": split,
+            "method": name,
+            **{k: c[k] for k in ("temperature", "ece", "ece_calibrated")},
+        }
+        for split, names in calibrated.items()
+        for name, c in names.items()
+    ]
+    cols = ["temperature", "ece", "ece_calibrated"]
+    merged = results.drop(columns=cols).merge(
+        pd.DataFrame(rows), on=["split", "method"], how="left"
     )
-    results = _with_calibration(results, calibrated)
-    # Quality flags: normal ranges from validation, then how well they catch poor results.
-    limits, flags_caught, flag_rows = quality.assess(
-        val, evaluated, spec, selection.postprocess, per_image, chunk
-    )
-    if flag_rows:
-        per_image = per_image.merge(
-            pd.DataFrame(flag_rows), on=["split", "method", "id"], how="left"
-        )
-    atomic_write_json(
-        out_dir / "quality.json",
-        _json_safe({"limits": {r: lim.to_json() for r, lim in limits.items()},
-                    "detection": flags_caught, "poor_dice": quality.POOR_DICE}),
-    )  # fmt: skip
-    extra = {
-        "run_dir": str(run_dir),
-        "set_id": set_id,
-        "distance_unit": units,
-        "n_images": n_images,
-        "selection": selection.to_json(),
-        "config": opts,
-        "quality": flags_caught,
-        "calibration": {
-            split: {
-                n: {k: v for k, v in c.items() if not k.startswith("curve")}
-                for n, c in names.items()
-            }
-            for split, names in calibrated.items()
-        },
-    }
-    write_outputs(out_dir, results, per_image, extra)
-
-    figures: dict[str, Path] = {}
-    galleries: dict[str, Path] = {}
-    if opts["figures"]:
-        from spineseg.report import figures as fig
-
-        shown = [r for r in ("soft", spec.rules[0]) if r in spec.rules][:1]
-        shown += [f"{MODEL_PREFIX}{spec.best_single}"]
-        for split, names in calibrated.items():
-            figures[f"reliability_{split}"] = fig.plot_reliability(
-                {n: names[n] for n in shown if n in names},
-                out_dir / "figures" / f"reliability_{split}.png",
-                title=split,
-            )
-        for split, data in evaluated.items():
-            sub_r = results[results["split"] == split]
-            sub_p = per_image[per_image["split"] == split]
-            figures[f"dice_bars_{split}"] = fig.plot_dice_bars(
-                sub_r, out_dir / "figures" / f"dice_bars_{split}.png", title=split
-            )
-            figures[f"dice_box_{split}"] = fig.plot_dice_boxes(
-                sub_p,
-                out_dir / "figures" / f"dice_box_{split}.png",
-                title=split,
-                order=method_order(list(dict.fromkeys(sub_p["method"])), spec.rules),
-            )
-            if int(opts["gallery_n"]) > 0:
-                cases = gallery_cases(
-                    split,
-                    [data.probs[m] for m in spec.models],
-                    data.truth,
-                    spec,
-                    per_image,
-                    int(opts["gallery_n"]),
-                )
-                galleries[f"gallery_{split}"] = fig.plot_overlay_gallery(
-                    cases, out_dir / "figures" / f"gallery_{split}.png", title=split
-                )
-    if opts["wandb"]["enabled"]:
-        from spineseg.ensemble.wandb_log import log_results
-
-        log_results(
-            run_dir, opts["wandb"], results, per_image, figures, galleries, selection.to_json()
-        )
-    return results
+    return merged.reindex(columns=list(results.columns))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from spineseg.ensemble.evaluate import level_text
 from spineseg.names import BEST, MODEL_PREFIX
+from spineseg.report.tables import level_text
 
 
 def _dice(r: pd.Series) -> str:

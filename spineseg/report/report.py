@@ -21,11 +21,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from spineseg.ensemble.evaluate import level_text
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import SpinesegError, StoreError
-from spineseg.names import MODEL_PREFIX
 from spineseg.report import figures as figs
+from spineseg.report.tables import fmt, num, rule_rows, rules_table
 from spineseg.utils.io import atomic_open, atomic_write_text, staged_dir
 
 SELECTED_COLOR = "#d62728"
@@ -66,13 +65,6 @@ def _read_json(path: Path) -> Any:
         raise StoreError(f"{path}: unreadable JSON ({err})") from err
 
 
-def _num(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def load_models(run_dir: str | Path, selection: dict[str, Any] | None = None) -> pd.DataFrame:
     """One row per model folder in the store (any status), with val/test/external Dice/IoU
     from its manifest; `selected` marks the top-k of `selection`, `sel_val_dice` is the
@@ -96,14 +88,14 @@ def load_models(run_dir: str | Path, selection: dict[str, Any] | None = None) ->
                 "encoder": preset.get("encoder"),
                 "status": status,
                 "selected": name in chosen,
-                "val_dice": _num(val.get("dice")),
-                "val_iou": _num(val.get("iou")),
-                "sel_val_dice": _num(scores.get(name)),
-                "test_dice": _num(test.get("test/dice")),
-                "test_iou": _num(test.get("test/iou")),
-                "external_dice": _num(test.get("external/dice")),
-                "external_iou": _num(test.get("external/iou")),
-                "elapsed_s": _num(m.get("elapsed_s")),
+                "val_dice": num(val.get("dice")),
+                "val_iou": num(val.get("iou")),
+                "sel_val_dice": num(scores.get(name)),
+                "test_dice": num(test.get("test/dice")),
+                "test_iou": num(test.get("test/iou")),
+                "external_dice": num(test.get("external/dice")),
+                "external_iou": num(test.get("external/iou")),
+                "elapsed_s": num(m.get("elapsed_s")),
                 "error": m.get("error"),
             }
         )
@@ -210,11 +202,6 @@ def load_run(run_dir: str | Path) -> RunData:
 
 
 # ---------------------------------------------------------------------- tables
-def _f(value: Any, digits: int = 4) -> str:
-    v = _num(value)
-    return "n/a" if not math.isfinite(v) else f"{v:.{digits}f}"
-
-
 def models_table(models: pd.DataFrame) -> pd.DataFrame:
     """Table (a): every model of the sweep, best validation Dice first, selected marked."""
     has_sel = models["sel_val_dice"].notna().any()
@@ -230,7 +217,7 @@ def models_table(models: pd.DataFrame) -> pd.DataFrame:
         }
     )
     if has_sel:
-        out["val Dice (selection)"] = [_f(v) for v in models["sel_val_dice"]]
+        out["val Dice (selection)"] = [fmt(v) for v in models["sel_val_dice"]]
     for col, label in (
         ("val_dice", "val Dice"),
         ("val_iou", "val IoU"),
@@ -239,8 +226,8 @@ def models_table(models: pd.DataFrame) -> pd.DataFrame:
         ("external_dice", "external Dice"),
         ("external_iou", "external IoU"),
     ):
-        out[label] = [_f(v) for v in models[col]]
-    out["time (s)"] = [_f(v, 1) for v in models["elapsed_s"]]
+        out[label] = [fmt(v) for v in models[col]]
+    out["time (s)"] = [fmt(v, 1) for v in models["elapsed_s"]]
     return out
 
 
@@ -261,60 +248,8 @@ def ablation_table(ablation: pd.DataFrame) -> pd.DataFrame:
         ("test_dice", "test Dice"),
         ("external_dice", "external Dice"),
     ):
-        out[label] = [_f(v) for v in ablation.get(col, pd.Series([math.nan] * len(ablation)))]
+        out[label] = [fmt(v) for v in ablation.get(col, pd.Series([math.nan] * len(ablation)))]
     return out
-
-
-def rule_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """The voting rules and the best single model (not the individual selected models)."""
-    return results[~results["method"].astype(str).str.startswith(MODEL_PREFIX)]
-
-
-def rules_table(results: pd.DataFrame, unit: str | None = None) -> pd.DataFrame:
-    """Table (c): rules x split with Dice mean ± sd [95% CI], IoU, precision, recall,
-    HD95/ASSD in `unit`, relative improvement over best single and Wilcoxon p."""
-
-    def ms(mean: Any, sd: Any) -> str:
-        if not math.isfinite(_num(mean)):
-            return "n/a"
-        return f"{_f(mean)} ± {_f(sd)}" if math.isfinite(_num(sd)) else _f(mean)
-
-    r = rule_rows(results)
-    units = r["distance_unit"] if "distance_unit" in r else pd.Series(["px"] * len(r))
-    unit = unit or "/".join(dict.fromkeys(units.astype(str)))
-    return pd.DataFrame(
-        {
-            "split": r["split"],
-            "method": r["method"],
-            "k": r["k"],
-            "n": r["n"],
-            "Dice mean ± sd [95% CI]": [
-                f"{ms(m, s)} [{_f(lo)}, {_f(hi)}]"
-                for m, s, lo, hi in zip(
-                    r["dice_mean"], r["dice_sd"], r["dice_ci_low"], r["dice_ci_high"], strict=True
-                )
-            ],
-            "IoU": [ms(m, s) for m, s in zip(r["iou_mean"], r["iou_sd"], strict=True)],
-            "precision": [_f(v) for v in r["precision_mean"]],
-            "recall": [_f(v) for v in r["recall_mean"]],
-            f"HD95 ({unit})": [ms(m, s) for m, s in zip(r["hd95_mean"], r["hd95_sd"], strict=True)],
-            f"ASSD ({unit})": [ms(m, s) for m, s in zip(r["assd_mean"], r["assd_sd"], strict=True)],
-            "level errors [95% CI]": [
-                level_text(*v)
-                for v in r.reindex(
-                    columns=["level_error_rate", "level_error_ci_low", "level_error_ci_high"]
-                ).itertuples(index=False)
-            ],
-            "Δ Dice vs best single (%)": [
-                "n/a" if not math.isfinite(_num(v)) else f"{_num(v):+.2f}"
-                for v in r["rel_improvement_pct"]
-            ],
-            "p (Wilcoxon)": [
-                "" if not math.isfinite(_num(p)) else f"{_num(p):.3g}"
-                for p in r["p_value_vs_best_single"]
-            ],
-        }
-    ).reset_index(drop=True)
 
 
 def distance_unit(data: RunData) -> str | None:
@@ -469,8 +404,8 @@ def calibration_table(splits: dict[str, dict[str, dict[str, Any]]]) -> pd.DataFr
     """One row per split and model or rule: its temperature and ECE before and after."""
     return pd.DataFrame(
         [
-            {"split": split, "model or rule": name, "T": _f(c["temperature"], 3),
-             "ECE": _f(c["ece"], 4), "ECE calibrated": _f(c["ece_calibrated"], 4)}
+            {"split": split, "model or rule": name, "T": fmt(c["temperature"], 3),
+             "ECE": fmt(c["ece"], 4), "ECE calibrated": fmt(c["ece_calibrated"], 4)}
             for split, names in splits.items()
             for name, c in names.items()
         ]
@@ -507,8 +442,8 @@ def quality_table(detection: dict[str, dict[str, dict[str, Any]]]) -> pd.DataFra
         for split, d in splits.items():
             rows.append(
                 {"split": split, "rule": rule, "films": d["n"], "poor": d["n_poor"],
-                 "flagged": d["n_flagged"], "sensitivity": _f(d["sensitivity"], 3),
-                 "specificity": _f(d["specificity"], 3), "AUROC": _f(d["auroc"], 3)}
+                 "flagged": d["n_flagged"], "sensitivity": fmt(d["sensitivity"], 3),
+                 "specificity": fmt(d["specificity"], 3), "AUROC": fmt(d["auroc"], 3)}
             )  # fmt: skip
     return pd.DataFrame(rows)
 
