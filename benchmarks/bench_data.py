@@ -13,8 +13,8 @@ import time
 import torch
 from common import machine
 
+from spineseg.config import build
 from spineseg.data import datamodule as D
-from spineseg.models.module import SegmentationModule
 
 
 def main() -> None:
@@ -25,7 +25,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
-        dm = D.SpineDataModule(
+        dm = build(
+            "data",
             image_size=(args.size, args.size),
             augment=args.augment,
             num_workers=args.workers,
@@ -37,7 +38,8 @@ def main() -> None:
         first = time.perf_counter() - t0
         D._MEMORY_CACHE.clear()
         t0 = time.perf_counter()
-        D.SpineDataModule(
+        build(
+            "data",
             image_size=(args.size, args.size),
             cache_dir=cache,
             source_kwargs={"n": 183, "height": args.size, "width": args.size},
@@ -50,7 +52,7 @@ def main() -> None:
             for batch in loader:
                 n += batch["image"].shape[0]
         load_rate = n / (time.perf_counter() - t0)
-        module = SegmentationModule("Unet", "tu-efficientnet_lite0", "offline")
+        module = build("module")  # Unet / Lite0, offline weights
         opt = torch.optim.AdamW(module.parameters())
         batches = list(loader)
         t0 = time.perf_counter()

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from common import machine
 
+from spineseg.config import build
 from spineseg.data.geometry import check_size
-from spineseg.models.module import SegmentationModule
 from spineseg.onnx_export import OnnxEnsemble, describe, write_graph
 from spineseg.predict import Ensemble, Pipeline
 
@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     size = check_size([args.size, args.size])
     torch.manual_seed(0)
-    models = [SegmentationModule(arch=a, encoder=e, weights=None).eval() for a, e in PRESETS]
+    models = [build("module", arch=a, encoder=e, weights=None).eval() for a, e in PRESETS]
     ensemble = Ensemble(
         models, [a for a, _ in PRESETS], Pipeline("region", size, "stretch", "none")
     )

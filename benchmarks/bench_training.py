@@ -21,6 +21,7 @@ import torch
 from common import machine, peak_rss_mib
 from torch.utils.data import DataLoader, TensorDataset
 
+from spineseg.config import build
 from spineseg.models.module import SegmentationModule
 
 #: The lite20 sweep (conf/sweep/lite20.yaml) as arch:lite-index.
@@ -175,7 +176,10 @@ def main() -> None:
     rows = []
     for spec in args.models:
         arch, lite = spec.split(":")
-        module = SegmentationModule(arch, f"tu-efficientnet_lite{lite}", "offline", scheduler=None)
+        module = build(
+            "module", arch=arch, encoder=f"tu-efficientnet_lite{lite}", weights="offline",
+            scheduler=None,
+        )  # fmt: skip
         bare_loop(module, loader)  # warm-up (allocator, kernels)
         bare, light = [], []
         for _ in range(args.repeats):

@@ -24,6 +24,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from spineseg.checks import check_run
+from spineseg.config import construct
 from spineseg.data.datamodule import SpineDataModule
 from spineseg.ensemble import tta as TTA
 from spineseg.ensemble.store import PredictionStore
@@ -97,18 +98,6 @@ def resume_point(folder: Path) -> Path | None:
         os.replace(path, aside)
         log.warning("moved %s aside to %s; resuming from the previous good checkpoint", path, aside)
     return None
-
-
-def construct(node: DictConfig, **extra: Any) -> Any:
-    """`_target_(**node)` with plain Python values.
-
-    Unlike hydra.utils.instantiate this keeps our exceptions as they are (instantiate wraps
-    them, which would turn a one-line ConfigError into a traceback) and passes no OmegaConf
-    containers into hyper-parameters, so checkpoints stay loadable with weights_only=True.
-    """
-    kwargs = OmegaConf.to_container(node, resolve=True)
-    cls = hydra.utils.get_class(kwargs.pop("_target_"))
-    return cls(**{**kwargs, **extra})
 
 
 def build_module(cfg: DictConfig, pretrained: bool = True) -> SegmentationModule:

@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 import spineseg  # noqa: F401  (resolvers)
-from spineseg.train import build_module, build_trainer, construct
+from spineseg.config import construct
+from spineseg.train import build_module, build_trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

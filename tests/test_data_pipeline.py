@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from spineseg.config import build
 from spineseg.data import geometry as G
 from spineseg.data import transforms as T
-from spineseg.data.datamodule import SpineDataModule
 from spineseg.data.splits import read_splits_csv, split_by_patient
 from spineseg.errors import ConfigError, DataError
 
@@ -28,7 +28,7 @@ def _dm(tmp_path, **kw):
         },
     }
     args.update(kw)
-    return SpineDataModule(**args)
+    return build("data", **args)
 
 
 def test_patient_split_is_disjoint_reproducible_and_paper_sized():

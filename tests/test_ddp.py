@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
+from spineseg.config import construct
 from spineseg.ensemble.store import PredictionStore
 from spineseg.models.module import SegmentationModule
-from spineseg.train import construct
 
 REPO = Path(__file__).resolve().parents[1]
 #: float16 storage: a probability is stored to within half an ulp at 1.0

@@ -315,15 +315,30 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     assert list(runs[0].glob("*.wandb"))
 
 
-def test_the_python_defaults_are_the_yaml_defaults():
-    """evaluate.DEFAULTS (used when the ensemble runs without Hydra) says what
-    conf/ensemble/default.yaml says, key for key."""
-    from spineseg.ensemble.evaluate import DEFAULTS
+def test_python_repeats_no_default_that_a_config_sets():
+    """conf/ is the one source: the DataModule and the LightningModule take no default for a
+    key their YAML sets, and the ensemble's Python entry points read conf/ensemble."""
+    import inspect
 
-    yaml = OmegaConf.to_container(
-        OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "ensemble" / "default.yaml")
-    )
-    assert yaml == DEFAULTS
+    from spineseg.data.datamodule import SpineDataModule
+    from spineseg.ensemble.evaluate import DEFAULTS
+    from spineseg.ensemble.selection import select_models
+    from spineseg.models.module import SegmentationModule
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for cls, yaml in (
+        (SpineDataModule, conf / "data" / "_base.yaml"),
+        (SegmentationModule, conf / "module" / "default.yaml"),
+    ):
+        keys = set(OmegaConf.load(yaml)) - {"_target_"}
+        params = inspect.signature(cls.__init__).parameters
+        assert keys <= set(params), (cls.__name__, keys - set(params))
+        repeated = [k for k in keys if params[k].default is not inspect.Parameter.empty]
+        assert not repeated, f"{cls.__name__} repeats the YAML's defaults of {repeated}"
+    yaml = OmegaConf.to_container(OmegaConf.load(conf / "ensemble" / "default.yaml"))
+    assert DEFAULTS == yaml
+    sig = inspect.signature(select_models).parameters
+    assert (sig["k"].default, sig["chunk_size"].default) == (yaml["top_k"], yaml["chunk_size"])
 
 
 def test_the_lightning_callback_is_configured_with_the_ensemble_settings(tmp_path):

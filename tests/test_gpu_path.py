@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from spineseg.config import build, construct
 from spineseg.data import datamodule as D
 from spineseg.errors import ConfigError
-from spineseg.models.module import SegmentationModule
-from spineseg.train import build_trainer, construct
+from spineseg.train import build_trainer
 from spineseg.utils import resolvers
 
 
@@ -39,7 +39,7 @@ def test_bf16_mixed_and_channels_last_train_and_store_float16_on_cpu(tmp_path) -
     x = torch.randn(8, 1, 64, 64)
     y = (torch.rand(8, 64, 64) > 0.7).long()
     loader = DataLoader(_Batches(x, y), batch_size=4)
-    module = SegmentationModule(weights=None, channels_last=True)
+    module = build("module", weights=None, channels_last=True)
     seen: list[tuple[torch.dtype, bool]] = []
     module.net.register_forward_hook(
         lambda m, i, out: seen.append(

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from spineseg.config import build
 from spineseg.data.datamodule import Prepared
 from spineseg.data.synthetic import DOMAINS, film_rng, render_film
 from spineseg.ensemble import metrics, stats
@@ -20,7 +21,7 @@ from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import ConfigError, DataError
 from spineseg.labels import level_value, region_mask, target_masks, vertebra_labels
 from spineseg.models import levels as LV
-from spineseg.models.module import SegmentationModule, metric_truth, probabilities
+from spineseg.models.module import metric_truth, probabilities
 from spineseg.names import LEVELS, TARGET_VALUES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,10 +222,9 @@ def test_levels_mode_on_a_four_level_dataset_is_refused_before_training(tmp_path
         image, levels = render_film(film_rng(4, "internal", i), DOMAINS["internal"], 64, 64)
         cv2.imwrite(str(data / "images" / f"f{i:02d}.png"), image)
         cv2.imwrite(str(data / "masks" / f"f{i:02d}.png"), vertebra_labels(levels))
-    from spineseg.data.datamodule import SpineDataModule
 
-    dm = SpineDataModule(
-        source="folder", root=str(data), target="levels", image_size=(64, 64),
+    dm = build(
+        "data", ["data=folder"], root=str(data), target="levels", image_size=(64, 64),
         cache_dir=str(tmp_path / "cache"), external=None,
     )  # fmt: skip
     with pytest.raises(DataError, match="labels only Th8, Th9, Th10, Th11: use target=vertebrae"):
@@ -237,7 +237,7 @@ def test_levels_loss_learns_vertebra_and_level_on_one_film(encoding: str) -> Non
     the level term both get gradients (the level term only from vertebra pixels)."""
     torch.manual_seed(0)
     levels = torch.from_numpy(_film(0, 64).astype(np.int64))[None]
-    module = SegmentationModule(weights=None, target="levels", levels_encoding=encoding)
+    module = build("module", weights=None, target="levels", levels_encoding=encoding)
     assert module.net.segmentation_head[0].out_channels == LV.channels(encoding)
     x = torch.randn(1, 1, 64, 64)
     opt = torch.optim.Adam(module.parameters(), lr=1e-2)
@@ -252,4 +252,4 @@ def test_levels_loss_learns_vertebra_and_level_on_one_film(encoding: str) -> Non
     background = torch.zeros_like(levels)
     assert torch.isfinite(module.loss(module(x), background))  # no vertebra: no level term
     with pytest.raises(ConfigError, match="unknown levels encoding 'onehot'"):
-        SegmentationModule(weights=None, target="levels", levels_encoding="onehot")
+        build("module", weights=None, target="levels", levels_encoding="onehot")

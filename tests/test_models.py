@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from spineseg.config import build
 from spineseg.errors import ConfigError, WeightsError
 from spineseg.models import SegmentationModule, build_model
 from spineseg.models import weights as W
@@ -139,7 +140,7 @@ def test_vertebrae_metrics_and_probabilities():
 
 
 def test_module_step_and_safe_reload(tmp_path):
-    module = SegmentationModule("Unet", "tu-efficientnet_lite0", "offline", name="t")
+    module = build("module", name="t")  # Unet / Lite0, offline weights
     batch = {
         "image": torch.randn(2, 1, 64, 64),
         "mask": torch.randint(0, 2, (2, 64, 64)),

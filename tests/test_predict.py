@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from spineseg.cli.predict import main as cli_main
+from spineseg.config import build
 from spineseg.data import geometry as G
 from spineseg.ensemble import postprocess, rules, voting
 from spineseg.ensemble.selection import Selection, save_selection
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import ConfigError, StoreError
-from spineseg.models.module import SegmentationModule
 from spineseg.predict import load_ensemble
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,9 +38,7 @@ def make_run(
     config = {"data": data}
     for i, name in enumerate(MODELS):
         torch.manual_seed(i)
-        module = SegmentationModule(
-            "Unet", "tu-efficientnet_lite0", weights=None, target=target, name=name
-        )
+        module = build("module", weights=None, target=target, name=name)
         trainer = L.Trainer(
             max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False
         )

@@ -62,7 +62,7 @@ def _run(env_dir: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_the_wheel_carries_its_configs_and_runs_anywhere(installed: Path, tmp_path: Path) -> None:
     where = _run(
-        installed, tmp_path, "python", "-c", "import spineseg.cli.common as c; print(c.CONF_DIR)"
+        installed, tmp_path, "python", "-c", "import spineseg.config as c; print(c.CONF_DIR)"
     )
     assert where.returncode == 0, where.stderr
     assert where.stdout.strip().startswith(str(installed)), where.stdout  # not the checkout's

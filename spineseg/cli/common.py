@@ -6,26 +6,12 @@ import functools
 import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+from spineseg.config import CONF_DIR
 from spineseg.errors import SpinesegError
 
-
-def _conf_dir() -> str:
-    """The configs: `spineseg/conf` inside an installed wheel (it ships them there), else the
-    repository's top-level `conf/`, their source, in a checkout or an editable install."""
-    package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "conf", package.parent / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return str(candidate)
-    raise RuntimeError(
-        f"spineseg's configs are missing: neither {package / 'conf'} nor "
-        f"{package.parent / 'conf'} holds train.yaml; reinstall the package"
-    )
-
-
-CONF_DIR = _conf_dir()
+__all__ = ["CONF_DIR", "key_values", "one_line_errors"]
 
 
 def key_values(

@@ -282,29 +282,33 @@ def resolve_workers(value: int | str) -> int:
 
 
 class SpineDataModule(L.LightningDataModule):
-    """Internal dataset split 70/10/20 by patient; external dataset test-only."""
+    """Internal dataset split by patient (70/10/20 by default); external dataset test-only."""
 
     def __init__(
         self,
-        source: str = "synthetic",
-        root: str | None = None,
-        split: str | None = None,
-        source_kwargs: dict | None = None,
-        external: dict | None = None,
-        target: str = "region",
-        image_size: tuple[int, int] | list[int] = (256, 256),
-        resize: str = "stretch",
-        preprocess: str = "none",
-        augment: str = "light",
-        fractions: tuple[float, float, float] | list[float] = (0.7, 0.1, 0.2),
-        split_seed: int = 42,
-        batch_size: int = 8,
-        num_workers: int | str = "auto",
-        cache: str = "disk",
-        cache_dir: str | None = None,
-        on_error: str = "raise",
+        *,
+        source: str,
+        root: str | None,
+        split: str | None,
+        source_kwargs: dict | None,
+        external: dict | None,
+        target: str,
+        image_size: tuple[int, int] | list[int],
+        resize: str,
+        preprocess: str,
+        augment: str,
+        fractions: tuple[float, float, float] | list[float],
+        split_seed: int,
+        batch_size: int,
+        num_workers: int | str,
+        cache: str,
+        cache_dir: str | None,
+        on_error: str,
         run_dir: str | None = None,
     ) -> None:
+        """Every option is a key of conf/data/_base.yaml, where its default and meaning are
+        (`spineseg.config.build("data", [...])` builds one as a training run would);
+        `run_dir` receives skipped.csv and splits.csv."""
         super().__init__()
         check_target(target)
         if resize not in G.RESIZE_MODES:

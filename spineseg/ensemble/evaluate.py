@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spineseg import config
 from spineseg.checks import check_numbers
 from spineseg.ensemble import (
     calibration,
@@ -64,31 +65,8 @@ RESULT_COLUMNS = (
     "temperature", "ece", "ece_calibrated",
 )  # fmt: skip
 
-DEFAULTS: dict[str, Any] = {
-    "enabled": True,
-    "top_k": 10,
-    "selection": "top_k",
-    "greedy_size": 20,
-    "rules": ["soft", "hard", "weighted", "max", "median", "staple", "logit_mean"],
-    "threshold": 0.5,
-    "tune_threshold": False,
-    "chunk_size": 16,
-    "distances": True,
-    "n_boot": 2000,
-    "seed": 0,
-    "splits": ["test", "external"],
-    "postprocess": ["spine"],
-    "tta": "val",
-    "figures": True,
-    "gallery_n": 4,
-    "wandb": {
-        "enabled": False,
-        "mode": None,
-        "project": "spineseg",
-        "group": None,
-        "log_images": False,
-    },
-}
+#: The ensemble's options and their defaults: conf/ensemble/default.yaml, the one source.
+DEFAULTS: dict[str, Any] = config.group("ensemble/default")
 
 
 # ---------------------------------------------------------------------- configuration

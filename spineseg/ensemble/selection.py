@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spineseg.ensemble import rules as rule_registry
+from spineseg import config
 from spineseg.ensemble.scoring import Method, score_chunk
 from spineseg.ensemble.store import PredictionStore, SplitData, iter_raw_chunks, read_rows
 from spineseg.errors import ConfigError, StoreError
@@ -28,6 +28,7 @@ from spineseg.utils.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 METHODS = ("top_k", "greedy")
+_DEFAULTS = config.group("ensemble/default")
 #: Threshold grid of `tune_threshold` (0.05..0.95).
 GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
@@ -232,16 +233,17 @@ def select_models(
     view: ValidationView,
     candidates: Sequence[str] | None = None,
     *,
-    k: int = 10,
-    method: str = "top_k",
-    greedy_size: int = 20,
-    rules: Sequence[str] = tuple(rule_registry.RULES),
-    threshold: float = 0.5,
-    tune_threshold: bool = False,
-    chunk_size: int = 16,
+    k: int = _DEFAULTS["top_k"],
+    method: str = _DEFAULTS["selection"],
+    greedy_size: int = _DEFAULTS["greedy_size"],
+    rules: Sequence[str] = tuple(_DEFAULTS["rules"]),
+    threshold: float = _DEFAULTS["threshold"],
+    tune_threshold: bool = _DEFAULTS["tune_threshold"],
+    chunk_size: int = _DEFAULTS["chunk_size"],
 ) -> Selection:
     """Rank `candidates` (default: every complete model with val) on validation, choose
-    the ensemble and its weights (normalised val Dice, or Caruana multiplicities)."""
+    the ensemble and its weights (normalised val Dice, or Caruana multiplicities). The
+    defaults are the ensemble's (conf/ensemble/default.yaml)."""
     if method not in METHODS:
         raise ConfigError(
             f"unknown ensemble.selection {method!r}; valid choices: {', '.join(METHODS)}"

@@ -22,9 +22,6 @@ from spineseg.models.factory import build_model
 from spineseg.models.losses import SegmentationLoss
 from spineseg.names import CHANNELS, STORED_TARGET, TARGET_VALUES
 
-DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 1e-4}
-DEFAULT_SCHEDULER = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 10}
-
 
 def probabilities(logits: torch.Tensor, target: str, encoding: str = "classes") -> torch.Tensor:
     """What is stored and voted on: sigmoid for the one-channel region, softmax over the 5
@@ -78,21 +75,25 @@ class SegmentationModule(L.LightningModule):
 
     def __init__(
         self,
-        arch: str = "Unet",
-        encoder: str = "tu-efficientnet_lite0",
-        weights: str | None = "offline",
-        target: str = "region",
-        name: str | None = None,
+        *,
+        arch: str,
+        encoder: str,
+        weights: str | None,
+        target: str,
+        name: str | None,
+        arch_kwargs: dict | None,
+        optimizer: dict,
+        scheduler: dict | None,
+        dice_weight: float,
+        ce_weight: float,
+        threshold: float,
+        channels_last: bool | str,
+        levels_encoding: str,
         in_channels: int = 1,
-        arch_kwargs: dict | None = None,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
-        dice_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        threshold: float = 0.5,
-        channels_last: bool | str = "auto",
-        levels_encoding: str = "classes",
     ) -> None:
+        """Every option but `in_channels` is a key of conf/module/default.yaml (and the
+        model preset), where its default is: `spineseg.config.build("module", [...])`
+        builds one as a training run would."""
         super().__init__()
         check_target(target)
         LV.check_encoding(levels_encoding)
@@ -195,7 +196,7 @@ class SegmentationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        opt_cfg = dict(self.hparams.optimizer or DEFAULT_OPTIMIZER)
+        opt_cfg = dict(self.hparams.optimizer)
         optimizer = hydra.utils.instantiate(opt_cfg, params=self.parameters())
         sched_cfg = self.hparams.scheduler
         if not sched_cfg:
