@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CONF_DIR", "build", "compose", "construct", "group"]
+__all__ = ["APPS_DIR", "CONF_DIR", "build", "compose", "construct", "group"]
 
 
 def _conf_dir() -> str:
@@ -45,7 +45,15 @@ def _group(path: str) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / f"{path}.yaml"))  # type: ignore[return-value]
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+#: The configs of the apps that read a finished run (predict, export, report): a root of
+#: their own, so that their options (`model=` of an ONNX file) are not read as the training
+#: tree's config groups (`model=<preset>`).
+APPS_DIR = str(Path(CONF_DIR) / "apps")
+
+
+def compose(
+    overrides: Sequence[str] = (), config_name: str = "train", config_dir: str = CONF_DIR
+) -> DictConfig:
     """The composed config, as `spineseg-train <overrides>` would see it (without running)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -55,7 +63,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
 
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose beside it
         return hydra_compose(config_name, overrides=list(overrides))
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir, version_base="1.3"):
         return hydra_compose(config_name, overrides=list(overrides))
 
 

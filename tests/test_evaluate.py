@@ -197,7 +197,7 @@ def test_greedy_and_tuned_thresholds_end_to_end(tmp_path):
 
 
 # ---------------------------------------------------------------------- Hydra callback
-def test_hydra_callback_runs_and_never_raises(tmp_path, caplog):
+def test_hydra_callback_runs_and_a_failure_exits_non_zero(tmp_path, capsys):
     make_store(tmp_path, models=("m0", "m1"), sizes={"val": 3, "test": 3})
     cfg = OmegaConf.create(
         {
@@ -209,8 +209,11 @@ def test_hydra_callback_runs_and_never_raises(tmp_path, caplog):
     assert (tmp_path / "ensemble" / "results.csv").exists()
 
     cfg.hydra.sweep.dir = str(tmp_path / "missing")
-    EnsembleOnMultirunEnd().on_multirun_end(cfg)  # logged, not raised
-    assert "ensemble failed" in caplog.text and "does not exist" in caplog.text
+    with pytest.raises(SystemExit) as stop:  # one line, and the sweep exits 1
+        EnsembleOnMultirunEnd().on_multirun_end(cfg)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 1 and err.count("\n") == 0
+    assert "ensemble of" in err and "does not exist" in err and "spineseg-ensemble run_dir=" in err
 
     cfg.ensemble.enabled = False
     (tmp_path / "ensemble" / "results.csv").unlink()
@@ -336,7 +339,7 @@ def test_python_repeats_no_default_that_a_config_sets():
         repeated = [k for k in keys if params[k].default is not inspect.Parameter.empty]
         assert not repeated, f"{cls.__name__} repeats the YAML's defaults of {repeated}"
     yaml = OmegaConf.to_container(OmegaConf.load(conf / "ensemble" / "default.yaml"))
-    assert DEFAULTS == yaml
+    assert yaml == DEFAULTS
     sig = inspect.signature(select_models).parameters
     assert (sig["k"].default, sig["chunk_size"].default) == (yaml["top_k"], yaml["chunk_size"])
 

@@ -191,7 +191,9 @@ def test_fetch_weights_fails_fast_without_the_hub(monkeypatch, capsys):
 
     monkeypatch.setattr(W, "hub_reachable", lambda timeout=3.0: False)
     start = time.monotonic()
-    assert fetch_weights.main(["sweep=paper20"]) == 1
+    with pytest.raises(SystemExit) as stop:
+        fetch_weights.main(["sweep=paper20"])
+    assert stop.value.code == 1
     assert time.monotonic() - start < 30
     err = capsys.readouterr().err
     assert "not reachable" in err and "HF_HUB_OFFLINE=1" in err

@@ -1,38 +1,27 @@
-"""Shared bits of the Hydra entry points: config location and one-line errors."""
+"""What every entry point shares: each is a Hydra app over its own small config in `conf/`
+(`hydra_app`), so `--help`, `--cfg job`, overrides and errors behave the same everywhere; a
+user's mistake ends with one line (`one_line_errors`)."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from omegaconf import DictConfig
 
 from spineseg.config import CONF_DIR
 from spineseg.errors import SpinesegError
 
-__all__ = ["CONF_DIR", "key_values", "one_line_errors"]
+__all__ = ["CONF_DIR", "flag", "hydra_app", "one_line_errors"]
 
 
-def key_values(
-    argv: Sequence[str], defaults: Mapping[str, str | None], usage: str
-) -> dict[str, str]:
-    """`key=value` arguments over `defaults`; a bare word or an unknown key is one line."""
-    from spineseg.errors import ConfigError, choices_message
-
-    opts = dict(defaults)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"argument {arg!r} is not key=value; {usage}")
-        if key not in defaults:
-            raise ConfigError(choices_message("argument", key, list(defaults)))
-        opts[key] = value
-    return opts  # type: ignore[return-value]
-
-
-def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A user's mistake (SpinesegError) ends the program with one line, not a traceback."""
+def one_line_errors(fn: Callable[..., Any], usage: str | None = None) -> Callable[..., Any]:
+    """A user's mistake (SpinesegError, or a required `???` option left out) ends the
+    program with one line, not a traceback."""
+    from omegaconf.errors import MissingMandatoryValue
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -42,5 +31,83 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             logging.getLogger("spineseg").debug("error", exc_info=True)
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
+        except MissingMandatoryValue as err:
+            key = getattr(err, "full_key", None) or "an option"
+            print(f"error: {key} is required{f'; {usage}' if usage else ''}", file=sys.stderr)
+            sys.exit(1)
 
     return wrapper
+
+
+def hydra_app(
+    config_name: str, task: Callable[[DictConfig], Any], usage: str, config_dir: str = CONF_DIR
+) -> Callable[[Sequence[str] | None], int]:
+    """`main(argv=None)` of a Hydra app over `<config_dir>/<config_name>.yaml` running
+    `task(cfg)`. `argv` stands in for the command line (tests and other Python callers);
+    without it Hydra reads sys.argv as usual."""
+    import hydra
+
+    app = hydra.main(version_base="1.3", config_path=config_dir, config_name=config_name)(
+        one_line_errors(task, usage)
+    )
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        overrides = list(sys.argv[1:] if argv is None else argv)
+        if not any(a.startswith("-") for a in overrides):  # --help, --cfg: Hydra's own
+            check_overrides(config_name, overrides, config_dir)
+        if argv is None:
+            app()
+            return 0
+        saved = sys.argv
+        sys.argv = [saved[0] if saved else config_name, *argv]
+        try:
+            app()
+        finally:
+            sys.argv = saved
+        return 0
+
+    main.__doc__ = usage
+    return main
+
+
+def check_overrides(config_name: str, overrides: Sequence[str], config_dir: str = CONF_DIR) -> None:
+    """Compose once before the app runs, so that a bad override is one line naming it (and
+    the valid keys) rather than Hydra's paragraph."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from spineseg.config import compose
+
+    try:
+        compose(overrides, config_name, config_dir)
+    except (HydraException, OmegaConfBaseException) as err:
+        message = hydra_error_line(err)
+        if "not in struct" in message:
+            keys = [k for k in compose((), config_name, config_dir) if k != "hydra"]
+            message += f"; valid keys: {', '.join(keys)}"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def hydra_error_line(err: BaseException) -> str:
+    """Hydra's several-line composition error (and its cause) as one line, with a group's
+    valid choices where it lists them."""
+    text = str(err) if err.__cause__ is None else f"{err}\n{err.__cause__}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "Available options in" in text:
+        at = next(i for i, ln in enumerate(lines) if ln.startswith("Available options in"))
+        end = next((i for i, ln in enumerate(lines) if ln.startswith("Config search path")), None)
+        options = [o for o in lines[at + 1 : end] if not o.startswith("_")]
+        return " ".join([*lines[:at], f"valid choices: {', '.join(options)}"])
+    noise = ("full_key", "object_type", "To append", "See https://", "Config search", "provider=")
+    return " ".join(ln for ln in lines if not ln.startswith(noise))
+
+
+def flag(cfg: DictConfig, key: str) -> bool:
+    """A true/false option, checked: `overlay=maybe` is one line, not a silent truth."""
+    from spineseg.errors import ConfigError
+
+    value = cfg[key]
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    return value

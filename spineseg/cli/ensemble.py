@@ -6,24 +6,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
-from spineseg.cli.common import CONF_DIR, one_line_errors
-from spineseg.errors import ConfigError
+from spineseg.cli.common import hydra_app
+
+USAGE = "usage: spineseg-ensemble run_dir=<dir> [ensemble.top_k=5 ...]"
 
 
-@one_line_errors
-def _run(cfg: DictConfig) -> None:
+def _ensemble(cfg: DictConfig) -> None:
     from spineseg.ensemble.evaluate import run_ensemble
     from spineseg.report.tables import console_table
 
-    try:
-        run_dir = Path(cfg.run_dir)
-    except MissingMandatoryValue:
-        raise ConfigError("run_dir is required: spineseg-ensemble run_dir=<dir>") from None
+    run_dir = Path(str(cfg.run_dir))
     results = run_ensemble(run_dir, cfg.ensemble)
     print(console_table(results))
     print(
@@ -32,9 +27,7 @@ def _run(cfg: DictConfig) -> None:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run_ensemble")
-def main(cfg: DictConfig) -> None:
-    _run(cfg)
+main = hydra_app("run_ensemble", _ensemble, USAGE)
 
 
 if __name__ == "__main__":

@@ -5,28 +5,18 @@ stored test films, with the largest probability difference and the labels that d
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig
 
-from spineseg.cli.common import key_values, one_line_errors
-from spineseg.errors import ConfigError, StoreError
+from spineseg.cli.common import flag, hydra_app
+from spineseg.config import APPS_DIR
+from spineseg.errors import StoreError
 
 USAGE = "usage: spineseg-export run_dir=<dir> output=<file.onnx> [rule=soft] [check=true]"
-DEFAULTS: dict[str, str | None] = {"run_dir": None, "output": None, "rule": "soft", "check": "true"}
 #: onnxruntime against PyTorch: the largest |difference| of fused probabilities accepted.
 TOLERANCE = 1e-4
-
-
-def parse_args(argv: Sequence[str]) -> dict[str, str]:
-    opts = key_values(argv, DEFAULTS, USAGE)
-    missing = [k for k, v in opts.items() if v in (None, "")]
-    if missing:
-        raise ConfigError(f"missing {', '.join(missing)}; {USAGE}")
-    if opts["check"] not in ("true", "false"):
-        raise ConfigError(f"check={opts['check']!r} must be true or false")
-    return opts  # type: ignore[return-value]
 
 
 def compare(run_dir: Path, onnx_path: Path, rule: str, split: str = "test") -> dict[str, float]:
@@ -60,15 +50,15 @@ def compare(run_dir: Path, onnx_path: Path, rule: str, split: str = "test") -> d
             "differ_at_threshold": near, "pixels": pixels}  # fmt: skip
 
 
-@one_line_errors
-def _main(argv: Sequence[str]) -> None:
+def _export(cfg: DictConfig) -> None:
     from spineseg.onnx_export import export
 
-    opts = parse_args(argv)
-    out = export(opts["run_dir"], opts["output"], rule=opts["rule"])
-    print(f"exported the {opts['rule']} ensemble of {opts['run_dir']} -> {out}")
-    if opts["check"] == "true":
-        c = compare(Path(opts["run_dir"]), out, opts["rule"])
+    run_dir, rule = Path(str(cfg.run_dir)), str(cfg.rule)
+    check = flag(cfg, "check")
+    out = export(run_dir, str(cfg.output), rule=rule)
+    print(f"exported the {rule} ensemble of {run_dir} -> {out}")
+    if check:
+        c = compare(run_dir, out, rule)
         print(
             f"onnxruntime vs PyTorch on {c['films']} stored test films: max |dp| = "
             f"{c['max_abs_diff']:.2e} (tolerance {TOLERANCE:g}); labels differ on "
@@ -78,13 +68,7 @@ def _main(argv: Sequence[str]) -> None:
             raise StoreError(f"{out}: onnxruntime differs from PyTorch by {c['max_abs_diff']:.2e}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
-    _main(args)
-    return 0
+main = hydra_app("export", _export, USAGE, APPS_DIR)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from pathlib import Path
 
-import hydra
 import matplotlib
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
-from spineseg.cli.common import CONF_DIR, one_line_errors
+from spineseg.cli.common import hydra_app
 from spineseg.data.sample import Sample
 from spineseg.data.sources import build_source, spec_kwargs
 from spineseg.errors import ConfigError
@@ -126,16 +126,17 @@ def gallery(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="gallery")
-@one_line_errors
-def _app(cfg: DictConfig) -> None:
+def _gallery(cfg: DictConfig) -> None:
     out = gallery(cfg)
     print(f"wrote {out} ({out.stat().st_size // 1024} KB)")
 
 
-def main() -> None:
-    _app()
+main = hydra_app(
+    "gallery",
+    _gallery,
+    "usage: spineseg-gallery [data=<preset>] [n=8] [out=PNG] [include_external=true]",
+)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

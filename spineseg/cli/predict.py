@@ -11,8 +11,8 @@ overlay=true, `<stem>_overlay.png`; with probability=true, `<stem>_prob.png` (th
 probability, 16-bit: p = value / 65535); for a DICOM film also `<stem>_seg.dcm`, a DICOM
 Segmentation referencing it (dicom_seg=false turns it off); then `predictions.csv` and
 `skipped.csv` (films that could not be read or predicted, and SEGs that could not be
-written, with the reason: a folder run never drops a file silently). Plain key=value
-arguments rather than Hydra: there is no config tree to compose here.
+written, with the reason: a folder run never drops a file silently). The options and their
+defaults are conf/predict.yaml.
 """
 
 from __future__ import annotations
@@ -27,31 +27,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from omegaconf import DictConfig
 
-from spineseg.cli.common import key_values, one_line_errors
+from spineseg.cli.common import flag, hydra_app
+from spineseg.config import APPS_DIR
 from spineseg.errors import ConfigError, DataError, choices_message
 from spineseg.utils.io import atomic_open, atomic_write_text
 
-USAGE = (
-    "usage: spineseg-predict run_dir=<dir> input=<file or folder> output=<dir> "
-    "[rule=soft] [device=auto] [overlay=true] [postprocess=val|none|spine] [batch_size=8] "
-    "[progress=true] [dicom_seg=true] [probability=true] [engine=torch|onnx model=<ensemble.onnx>]"
-)
-DEFAULTS: dict[str, str | None] = {
-    "run_dir": None,
-    "input": None,
-    "output": None,
-    "rule": "soft",
-    "device": "auto",
-    "overlay": "true",
-    "postprocess": "val",
-    "batch_size": "8",
-    "progress": "true",
-    "dicom_seg": "true",  # a DICOM film also gets <stem>_seg.dcm (DICOM Segmentation)
-    "probability": "true",  # <stem>_prob.png: the calibrated probability, 16-bit
-    "engine": "torch",  # torch | onnx (a graph from spineseg-export, given as model=)
-    "model": "",
-}
+USAGE = "usage: spineseg-predict run_dir=<dir> input=<file or folder> output=<dir> [key=value ...]"
 ENGINES = ("torch", "onnx")
 COLUMNS = [
     "file",
@@ -67,26 +50,24 @@ COLUMNS = [
 ]
 #: BGR contour colours: region, then Th8..Th11.
 COLOURS = [(0, 255, 0), (0, 0, 255), (0, 255, 255), (255, 128, 0), (255, 0, 255)]
-_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def parse_args(argv: Sequence[str]) -> dict[str, str]:
-    """`key=value` pairs; unknown keys and missing required ones are config errors."""
-    opts = key_values(argv, DEFAULTS, USAGE)
-    if opts["engine"] not in ENGINES:
-        raise ConfigError(choices_message("engine", opts["engine"], list(ENGINES)))
-    optional = {"model", "run_dir"} if opts["engine"] == "onnx" else {"model"}
-    missing = [k for k, v in opts.items() if v in (None, "") and k not in optional]
-    if opts["engine"] == "onnx" and not opts["model"]:
-        missing.append("model")
-    if missing:
-        raise ConfigError(f"missing {', '.join(missing)}; {USAGE}")
+def check_options(cfg: DictConfig) -> None:
+    """The options that Hydra's types do not check, each a one-line ConfigError."""
+    if cfg.engine not in ENGINES:
+        raise ConfigError(choices_message("engine", cfg.engine, list(ENGINES)))
+    if cfg.engine == "onnx" and not cfg.model:
+        raise ConfigError(f"engine=onnx needs model=<ensemble.onnx>; {USAGE}")
+    if cfg.engine == "torch" and not cfg.run_dir:
+        raise ConfigError(f"run_dir is required; {USAGE}")
     for key in ("overlay", "progress", "dicom_seg", "probability"):
-        if opts[key].lower() not in _BOOL:
-            raise ConfigError(f"{key}={opts[key]!r} must be true or false")
-    if not opts["batch_size"].isdigit() or int(opts["batch_size"]) < 1:
-        raise ConfigError(f"batch_size={opts['batch_size']!r} must be a whole number >= 1")
-    return opts  # type: ignore[return-value]
+        flag(cfg, key)
+    if (
+        isinstance(cfg.batch_size, bool)
+        or not isinstance(cfg.batch_size, int)
+        or cfg.batch_size < 1
+    ):
+        raise ConfigError(f"batch_size={cfg.batch_size!r} must be a whole number >= 1")
 
 
 def list_inputs(path: Path) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -148,7 +129,7 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Sequence[object
     atomic_write_text(path, text.getvalue())
 
 
-def run(opts: dict[str, str]) -> tuple[int, int, float]:
+def run(opts: DictConfig) -> tuple[int, int, float]:
     """Predict every input film; returns (predicted, skipped, films per second)."""
     from tqdm import tqdm
 
@@ -157,7 +138,7 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
     from spineseg.ensemble.quality import film_features, flag
     from spineseg.predict import load_ensemble
 
-    source, out = Path(opts["input"]), Path(opts["output"])
+    source, out = Path(str(opts.input)), Path(str(opts.output))
     films_dir = source if source.is_dir() else source.parent
     if out.resolve() == films_dir.resolve():
         raise ConfigError(
@@ -165,21 +146,19 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
             "read as films by the next run); choose another output folder"
         )
     files, skipped = list_inputs(source)
-    post = None if opts["postprocess"] == "val" else opts["postprocess"]
-    if opts["engine"] == "onnx":  # the exported graph carries its rule and post-processing
+    post = None if opts.postprocess == "val" else str(opts.postprocess)
+    if opts.engine == "onnx":  # the exported graph carries its rule and post-processing
         from spineseg.onnx_export import OnnxEnsemble
 
-        ensemble = OnnxEnsemble(opts["model"], opts["run_dir"] or None)
+        ensemble = OnnxEnsemble(str(opts.model), opts.run_dir or None)
         if post is not None:
             ensemble.postprocess = post
     else:
         ensemble = load_ensemble(
-            opts["run_dir"], rule=opts["rule"], device=opts["device"], postprocess=post
+            str(opts.run_dir), rule=str(opts.rule), device=str(opts.device), postprocess=post
         )
-    draw = _BOOL[opts["overlay"].lower()]
-    seg = _BOOL[opts["dicom_seg"].lower()]
-    prob = _BOOL[opts["probability"].lower()]
-    batch_size = int(opts["batch_size"])
+    draw, seg, prob = opts.overlay, opts.dicom_seg, opts.probability
+    batch_size = int(opts.batch_size)
     rows: list[list[object]] = []
 
     def skip(path: Path, problem: str, err: Exception | None = None) -> None:
@@ -241,7 +220,7 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
 
     started = time.perf_counter()
     pairs = list(zip(files, output_stems(files), strict=True))
-    show = _BOOL[opts["progress"].lower()] and len(pairs) > 1
+    show = opts.progress and len(pairs) > 1
     with tqdm(total=len(pairs), unit="film", disable=not show, file=sys.stderr) as bar:
         for start in range(0, len(pairs), batch_size):
             batch = []
@@ -275,28 +254,18 @@ def run(opts: dict[str, str]) -> tuple[int, int, float]:
     return len(rows), len(skipped), rate
 
 
-def _which(opts: dict[str, str]) -> str:
-    return opts["rule"] if opts["engine"] == "torch" else f"exported ({opts['model']})"
-
-
-@one_line_errors
-def _main(argv: Sequence[str]) -> None:
-    opts = parse_args(argv)
-    done, skipped, rate = run(opts)
+def _predict(cfg: DictConfig) -> None:
+    check_options(cfg)
+    done, skipped, rate = run(cfg)
+    which = cfg.rule if cfg.engine == "torch" else f"exported ({cfg.model})"
     note = f"; skipped {skipped} (see skipped.csv)" if skipped else ""
     print(
-        f"predicted {done} film(s) with the {_which(opts)} ensemble -> {opts['output']}"
+        f"predicted {done} film(s) with the {which} ensemble -> {cfg.output}"
         f" (predictions.csv){note}; {rate:.1f} films/s"
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
-    _main(args)  # a SpinesegError exits 1 with one line (one_line_errors)
-    return 0
+main = hydra_app("predict", _predict, USAGE, APPS_DIR)
 
 
 if __name__ == "__main__":

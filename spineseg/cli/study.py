@@ -18,26 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import spineseg  # noqa: F401
-from spineseg.cli.common import CONF_DIR
+from spineseg.cli.common import hydra_app
 from spineseg.errors import SpinesegError
 
 log = logging.getLogger("spineseg.study")
-
-
-def _compose(overrides: list[str]) -> DictConfig:
-    """The study's config, or one line saying which override Hydra could not apply."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            return compose("train", overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise SpinesegError(" ".join(str(err).split())) from None
 
 
 def _run(step: str, cmd: list[str]) -> int:
@@ -48,8 +36,8 @@ def _run(step: str, cmd: list[str]) -> int:
     return code
 
 
-def study(overrides: list[str]) -> Path:
-    cfg = _compose(overrides)
+def study(cfg: DictConfig) -> Path:
+    overrides = list(HydraConfig.get().overrides.task)
     run_dir = Path(cfg.run_dir)
     train = [sys.executable, "-m", "spineseg.cli.train"]
     passthrough = [o for o in overrides if not o.startswith(("run_dir=", "model="))]
@@ -69,13 +57,16 @@ def study(overrides: list[str]) -> Path:
             if code:
                 log.warning("augmentation run %s failed; the report will say so", value)
 
-    sweep_models = (cfg.hydra.sweeper.get("params") or {}).get("model")
+    sweep_models = (HydraConfig.get().sweeper.get("params") or {}).get("model")
     sweep = [] if sweep_models else [f"model={cfg.model.name}"]
     code = _run(
         "b-d) sweep, selection on validation, every rule", [*train, "-m", *overrides, *sweep]
     )
     if code:
-        raise SpinesegError(f"the sweep exited with {code}; see {run_dir}/jobs/*/train.log")
+        raise SpinesegError(
+            f"the sweep exited with {code} (its last line says why); the models' logs are "
+            f"{run_dir}/jobs/*/train.log"
+        )
     if not (run_dir / "ensemble" / "results.csv").exists() and cfg.ensemble.enabled:
         ens = [o for o in overrides if o.startswith("ensemble.")]
         if _run(
@@ -94,33 +85,8 @@ def study(overrides: list[str]) -> Path:
     return report
 
 
-def show_config(overrides: list[str], what: str) -> None:
-    """`--cfg job|hydra|all`, as the Hydra apps have it: the composed config, nothing run."""
-    from omegaconf import OmegaConf
-
-    cfg = _compose(overrides)
-    if what == "job":
-        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    elif what == "hydra":
-        cfg = cfg.hydra
-    print(OmegaConf.to_yaml(cfg))
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if "--cfg" in args or "-c" in args:
-            at = args.index("--cfg" if "--cfg" in args else "-c")
-            what = args[at + 1] if at + 1 < len(args) else "job"
-            if what not in ("job", "hydra", "all"):
-                raise SpinesegError(f"unknown --cfg {what!r}; valid choices: all, hydra, job")
-            show_config(args[:at] + args[at + 2 :], what)
-            return
-        study(args)
-    except SpinesegError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+main = hydra_app("study", study, "usage: spineseg-study [experiment=<preset>] [key=value ...]")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

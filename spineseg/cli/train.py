@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
-from spineseg.cli.common import CONF_DIR
+from spineseg.cli.common import hydra_app
 from spineseg.errors import (
     DISK_ERRNOS,
     Interrupted,
@@ -34,8 +33,8 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _train(cfg: DictConfig) -> float | None:
+    """One model; the validation Dice is the job's return value (for sweepers that tune)."""
     import lightning  # noqa: F401  (its import adds the handlers removed below)
 
     from spineseg.train import record_failure, train
@@ -73,5 +72,8 @@ def main(cfg: DictConfig) -> float | None:
     return (manifest.get("val_metrics") or {}).get("dice")
 
 
+main = hydra_app("train", _train, "usage: spineseg-train [-m] [model=<preset>] [key=value ...]")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import cv2
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
-from spineseg.cli.common import CONF_DIR, one_line_errors
+from spineseg.cli.common import hydra_app
 from spineseg.data.sample import Sample
 from spineseg.data.sources import build_spec
 from spineseg.data.validate import Report, build_report, cross_check, format_report
@@ -82,9 +81,7 @@ def _title(spec: dict, name: str) -> str:
     return f"{name}: {' '.join(parts)}"
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="validate_data")
-@one_line_errors
-def _app(cfg: DictConfig) -> None:
+def _validate(cfg: DictConfig) -> None:
     reports = validate(cfg)
     print("\n\n".join(format_report(r) for r in reports))
     n_errors = sum(len(r.errors) for r in reports)
@@ -94,9 +91,12 @@ def _app(cfg: DictConfig) -> None:
     print("\nOK: no errors")
 
 
-def main() -> None:
-    _app()
+main = hydra_app(
+    "validate_data",
+    _validate,
+    "usage: spineseg-validate-data data=<preset> [data.root=...] [export_masks=DIR]",
+)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -13,21 +14,29 @@ log = logging.getLogger(__name__)
 
 
 class EnsembleOnMultirunEnd(Callback):
-    """Ensemble `<sweep dir>/predictions` after the last job; never fails the sweep."""
+    """Ensemble `<sweep dir>/predictions` after the last job.
+
+    A failure is one line, and the sweep then exits 1: the trained models stay as they
+    are, and `spineseg-ensemble run_dir=...` retries just this step. Hydra calls the
+    callbacks' `on_multirun_end` in reverse order, and this one is listed first in
+    conf/train.yaml, so the sweep's summary is written before it can exit."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         ens = OmegaConf.select(config, "ensemble")
         if ens is None or not ens.get("enabled", True):
             log.info("ensemble disabled: skipped")
             return
+        run_dir = OmegaConf.select(config, "hydra.sweep.dir", throw_on_missing=True)
         try:
             from spineseg.ensemble.evaluate import run_ensemble
 
-            run_dir = OmegaConf.select(config, "hydra.sweep.dir", throw_on_missing=True)
             results = run_ensemble(run_dir, ens)
-            log.info(
-                "ensemble of %s: %d result rows in %s/ensemble", run_dir, len(results), run_dir
-            )
-        except Exception as err:  # the models are trained; a failed summary must not undo that
-            log.error("ensemble failed: %s: %s", type(err).__name__, err)
+        except Exception as err:
             log.debug("ensemble failure", exc_info=True)
+            print(
+                f"error: the ensemble of {run_dir} failed: {type(err).__name__}: {err}; the "
+                f"models are kept, retry with spineseg-ensemble run_dir={run_dir}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        log.info("ensemble of %s: %d result rows in %s/ensemble", run_dir, len(results), run_dir)

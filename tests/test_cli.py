@@ -1,0 +1,66 @@
+"""Every entry point is a Hydra app over its own config: `--help`, `--cfg job`, a bad
+override and a missing required option behave the same everywhere."""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+#: Entry points with an option that has no default (`???`, or run_dir for predict).
+REQUIRED = {
+    "spineseg-ensemble": "run_dir",
+    "spineseg-predict": "run_dir",
+    "spineseg-report": "run_dir",
+    "spineseg-export": "run_dir",
+}
+
+
+def _main(script: str):
+    module, name = SCRIPTS[script].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _run(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = _main(script)(argv)
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    return int(code or 0), out.out, out.err
+
+
+def test_every_entry_point_is_named_main() -> None:
+    assert {target.split(":")[1] for target in SCRIPTS.values()} == {"main"}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_help_and_cfg_job_compose_without_running(script: str, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Hydra writes nothing here: each app sets output_subdir null
+    code, out, _ = _run(script, ["--help"], capsys)
+    assert code == 0 and script in out
+    code, out, _ = _run(script, ["--cfg", "job"], capsys)
+    assert code == 0 and out.strip()
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_a_bad_override_is_one_line_naming_it(script: str, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(script, ["no_such_option=1"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "no_such_option" in lines[0]
+    assert "valid keys:" in lines[0]
+
+
+@pytest.mark.parametrize("script", sorted(REQUIRED))
+def test_a_missing_required_option_is_one_line(script: str, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(script, [], capsys)
+    assert code == 1 and err.strip().count("\n") == 0
+    assert err.startswith(f"error: {REQUIRED[script]} is required; usage: {script}")
