@@ -13,13 +13,13 @@ import hydra.utils
 import lightning as L
 import torch
 from torchmetrics import MetricCollection
-from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from spineseg.ensemble import tta as TTA
 from spineseg.labels import check_target
 from spineseg.models import levels as LV
 from spineseg.models.factory import build_model
 from spineseg.models.losses import SegmentationLoss
+from spineseg.models.scores import OverlapScore
 from spineseg.names import CHANNELS, STORED_TARGET, TARGET_VALUES
 
 
@@ -54,19 +54,10 @@ def to_index(probs: torch.Tensor, target: str, threshold: float = 0.5) -> torch.
 
 
 def make_metrics(target: str) -> MetricCollection:
-    """Dice and IoU of what is stored: the region (region, levels) or the 4 vertebrae."""
+    """Dice and IoU of what is stored (the region for region and levels, else the 4
+    vertebrae), computed as the ensemble's evaluation computes them."""
     num_classes = max(2, CHANNELS[STORED_TARGET[target]])
-    return MetricCollection(
-        {
-            "dice": DiceScore(
-                num_classes=num_classes,
-                include_background=False,
-                average="macro",
-                input_format="index",
-            ),
-            "iou": MeanIoU(num_classes=num_classes, include_background=False, input_format="index"),
-        }
-    )
+    return MetricCollection({key: OverlapScore(key, num_classes) for key in ("dice", "iou")})
 
 
 class SegmentationModule(L.LightningModule):
