@@ -119,6 +119,11 @@ def export(run_dir: str | Path, output: str | Path, rule: str = "soft") -> Path:
         )
     run_dir = Path(run_dir)
     ens = load_ensemble(run_dir, rule=rule, device="cpu")
+    if ens.stage1 is not None:
+        raise ConfigError(
+            f"{run_dir} is a cascade (data.crop): one graph cannot hold the crop between its "
+            "two ensembles; predict it with engine=torch"
+        )
     selection = json.loads((run_dir / "ensemble" / "selection.json").read_text())
     return write_graph(ens, output, describe(ens, selection.get("set_id")))
 

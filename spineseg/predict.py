@@ -10,6 +10,7 @@ original film.
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from spineseg.data import geometry as G
+from spineseg.data.cascade import Box, CropSpec, predicted_crop
 from spineseg.ensemble import rules, voting
 from spineseg.ensemble import tta as TTA
 from spineseg.ensemble.calibration import scaled
@@ -44,6 +46,7 @@ class Pipeline:
     image_size: tuple[int, int]
     resize: str
     preprocess: str
+    crop: CropSpec | None = None  # the cascade's stage 2: films are cropped by stage 1 first
 
     @classmethod
     def from_config(cls, config: dict[str, Any], where: Path) -> Pipeline:
@@ -56,6 +59,7 @@ class Pipeline:
                 G.check_size(data["image_size"]),
                 str(data.get("resize", "stretch")),
                 str(data.get("preprocess", "none")),
+                CropSpec.from_config(data.get("crop")),
             )
         except KeyError as err:
             raise StoreError(f"{where}: config.data lacks {err.args[0]!r}") from None
@@ -68,6 +72,8 @@ class Prediction:
     probability: np.ndarray  # float32 HxW: P(region) or the top foreground class, calibrated
     labels: np.ndarray  # uint8 HxW: region 0/1, vertebrae 0..4
     uncertainty: np.ndarray  # float32 HxW: model disagreement in [0, 1]
+    box: Box | None = None  # a cascade's crop: outside it everything is 0
+    notes: tuple[str, ...] = ()  # what the quality flag should say (stage 1 found nothing)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -156,6 +162,7 @@ class Ensemble:
         self.limits: Limits | None = None  # quality flags' normal ranges, from validation
         self.temperature: float | None = None  # the rule's, fitted on validation
         self.tta = "none"  # the test-time augmentation validation chose (selection.json)
+        self.stage1: Ensemble | None = None  # a cascade's stage 1 (data.crop.stage1)
 
     @property
     def target(self) -> str:
@@ -198,9 +205,12 @@ class Ensemble:
         return scores, voting.disagreement(probs, self.threshold)
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        """Films of any sizes share the working resolution, so they run as one batch."""
+        """Films of any sizes share the working resolution, so they run as one batch. A
+        cascade's stage 2 first crops each film where its stage 1 finds the region."""
         if not images:
             return []
+        if self.stage1 is not None:
+            return self._cascade(images)
         inputs = [self.to_input(im) for im in images]
         scores, spread = self.fused(torch.stack([x for x, _ in inputs]))
         return [
@@ -210,6 +220,36 @@ class Ensemble:
 
     def predict(self, image: np.ndarray) -> Prediction:
         return self.predict_batch([image])[0]
+
+    def _cascade(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        crops = [
+            predicted_crop(p.labels, self.pipeline.crop) for p in self.stage1.predict_batch(images)
+        ]
+        own = Ensemble.predict_batch(
+            self._without_stage1(), [c.box.crop(im) for c, im in zip(crops, images, strict=True)]
+        )
+        out = []
+        for c, im, p in zip(crops, images, own, strict=True):
+            shape = im.shape[:2]
+            notes = (
+                ("stage 1 found no region: the whole film was used",) if c.source == "whole" else ()
+            )
+            out.append(
+                Prediction(
+                    c.box.paste(p.probability, shape),
+                    c.box.paste(p.labels, shape),
+                    c.box.paste(p.uncertainty, shape),
+                    c.box,
+                    notes,
+                )
+            )
+        return out
+
+    def _without_stage1(self) -> Ensemble:
+        """This ensemble as a plain one (its own models on whatever films it is given)."""
+        plain = copy.copy(self)
+        plain.stage1 = None
+        return plain
 
     def _to_original(self, scores: np.ndarray, spread: np.ndarray, g: G.Geometry) -> Prediction:
         """Scores are mapped back (bilinear) before deciding, so the labels are exactly the
@@ -291,6 +331,10 @@ def load_ensemble(
         postprocess=postprocess,
     )
     ens.tta = TTA.check(str(selection.get("tta", "none")))
+    if pipeline.crop is not None:  # a cascade: stage 1 finds where to look
+        from spineseg.data.cascade import stage1_ensemble
+
+        ens.stage1 = stage1_ensemble(pipeline.crop, device)
     ens.limits = read_limits(run_dir, rule)
     ens.temperature = read_temperature(run_dir, rule)
     return ens

@@ -30,11 +30,17 @@ MODELS = ("m0", "m1")
 
 
 def make_run(
-    run_dir: Path, threshold: float = 0.5, target: str = "region", resize: str = "stretch"
+    run_dir: Path,
+    threshold: float = 0.5,
+    target: str = "region",
+    resize: str = "stretch",
+    crop: dict | None = None,
 ) -> Path:
-    """Checkpoints, manifests and selection.json laid out as training + ensembling write them."""
+    """Checkpoints, manifests and selection.json laid out as training + ensembling write them
+    (`crop`: a cascade's stage 2, as `data.crop` records it)."""
     store = PredictionStore(run_dir)
-    data = {"image_size": [64, 64], "resize": resize, "preprocess": "none", "target": target}
+    data = {"image_size": [64, 64], "resize": resize, "preprocess": "none", "target": target,
+            "crop": crop}  # fmt: skip
     config = {"data": data}
     for i, name in enumerate(MODELS):
         torch.manual_seed(i)

@@ -184,9 +184,15 @@ def run(opts: DictConfig) -> tuple[int, int, float]:
         h, w = pred.shape
         unc = f"{float(pred.uncertainty.mean()):.6f}"
         score, why = "", []
-        if ensemble.limits is not None:
-            value, why = flag(film_features(pred.labels, pred.uncertainty), ensemble.limits)
+        if ensemble.limits is not None:  # a cascade's ranges were set on its crops
+            seen = (pred.labels, pred.uncertainty)
+            if pred.box is not None:
+                seen = (pred.box.crop(pred.labels), pred.box.crop(pred.uncertainty))
+            value, why = flag(film_features(*seen), ensemble.limits)
             score = f"{value:.3f}"
+        if pred.notes:
+            why = [*why, *pred.notes]
+            score = score or "inf"
         wh, ww = ensemble.pipeline.image_size
         if h < wh or w < ww:  # upsampled: whatever it shows, the detail is not in the film
             why = [*why, "smaller than the working resolution"]

@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -20,8 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from spineseg.data import geometry as G
 from spineseg.data import transforms as T
+from spineseg.data.cascade import CropSpec, check_stage1_split, crop_all
 from spineseg.data.sample import Sample
-from spineseg.data.sources import build_source, spec_kwargs
+from spineseg.data.sources import build_source, build_spec, spec_kwargs
 from spineseg.data.splits import (
     check_disjoint,
     read_splits_csv,
@@ -304,6 +306,7 @@ class SpineDataModule(L.LightningDataModule):
         cache: str,
         cache_dir: str | None,
         on_error: str,
+        crop: dict | None,
         run_dir: str | None = None,
     ) -> None:
         """Every option is a key of conf/data/_base.yaml, where its default and meaning are
@@ -333,6 +336,7 @@ class SpineDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, resolve_workers(num_workers)
         self.cache, self.cache_dir, self.on_error = cache, cache_dir, on_error
         self.run_dir = run_dir
+        self.crop = CropSpec.from_config(crop)
         self.parts: dict[str, Prepared] = {}
         self.skipped: list[tuple[str, str]] = []
 
@@ -352,13 +356,11 @@ class SpineDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.parts:
             return
-        internal = self._load(self.internal_spec)
-        patients = dict(zip(internal.ids, internal.patients, strict=True))
-        if len(set(internal.ids)) != len(internal.ids):
-            dup = next(i for i in internal.ids if internal.ids.count(i) > 1)
-            raise DataError(None, f"duplicated film id {dup!r} in the internal dataset")
-        assignment = self._splits(internal, patients)
-        check_disjoint(assignment, patients)
+        if self.crop is None:
+            internal = self._load(self.internal_spec)
+            assignment = self._assign(internal)
+        else:  # the cascade's stage 2: every film cropped first (data/cascade.py)
+            internal, assignment = self._load_cropped()
         for name in DATA_SPLITS:
             keep = [k for k, i in enumerate(internal.ids) if assignment[i] == name]
             if not keep:
@@ -369,14 +371,47 @@ class SpineDataModule(L.LightningDataModule):
                     "data.fractions",
                 )
             self.parts[name] = internal.subset(keep)
-        if self.external_spec:
+        if self.external_spec and self.crop is None:
             self.parts[EXTERNAL] = self._load(self.external_spec)
+        elif self.external_spec:
+            samples = build_spec(self.external_spec, on_error=self.on_error, skipped=self.skipped)
+            cropped = crop_all(
+                samples, [EXTERNAL] * len(samples), self.crop, self.run_dir, EXTERNAL
+            )
+            self.parts[EXTERNAL] = prepare(cropped, self.image_size, self.resize, self.preprocess)
         for name, part in self.parts.items():
             part.masks(self.target)  # fail early: per-vertebra target on binary masks
             log.info("%s: %d films", name, len(part.ids))
         self._write_skipped()
 
-    def _splits(self, internal: Prepared, patients: dict[str, str]) -> dict[str, str]:
+    def _assign(self, internal: Any) -> dict[str, str]:
+        """Film id -> train/val/test, by patient (reused from splits.csv on resume)."""
+        patients = dict(zip(internal.ids, internal.patients, strict=True))
+        if len(set(internal.ids)) != len(internal.ids):
+            dup = next(i for i in internal.ids if internal.ids.count(i) > 1)
+            raise DataError(None, f"duplicated film id {dup!r} in the internal dataset")
+        assignment = self._splits(internal, patients)
+        check_disjoint(assignment, patients)
+        return assignment
+
+    def _load_cropped(self) -> tuple[Prepared, dict[str, str]]:
+        """The internal films split first (by patient, as always), then each cropped: around
+        its truth for training, where stage 1 finds the region for the rest."""
+        samples = build_spec(self.internal_spec, on_error=self.on_error, skipped=self.skipped)
+        if not samples:
+            raise DataError(self.internal_spec.get("root"), "the data source yielded no films")
+        films = SimpleNamespace(
+            ids=[s.id for s in samples],
+            patients=[s.patient_id for s in samples],
+            forced=[s.split for s in samples],
+        )
+        assignment = self._assign(films)
+        check_stage1_split(self.crop, assignment)
+        splits = [assignment[s.id] for s in samples]
+        cropped = crop_all(samples, splits, self.crop, self.run_dir)
+        return prepare(cropped, self.image_size, self.resize, self.preprocess), assignment
+
+    def _splits(self, internal: Any, patients: dict[str, str]) -> dict[str, str]:
         path = Path(self.run_dir) / "splits.csv" if self.run_dir else None
         if path is not None and path.exists():
             saved = read_splits_csv(path)
