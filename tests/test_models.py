@@ -170,6 +170,11 @@ def test_module_step_and_safe_reload(tmp_path):
         F.W.load_offline_state = orig
     for k, v in module.state_dict().items():
         assert torch.equal(v, again.state_dict()[k])
+    # A checkpoint written before an option existed loads with the option's config default.
+    del state["hyper_parameters"]["levels_encoding"]
+    torch.save(state, tmp_path / "old.ckpt")
+    older = SegmentationModule.from_checkpoint(tmp_path / "old.ckpt")
+    assert older.hparams.levels_encoding == "classes"  # conf/module/default.yaml
 
 
 def test_missing_weight_package_names_it(monkeypatch):

@@ -60,6 +60,14 @@ def make_metrics(target: str) -> MetricCollection:
     return MetricCollection({key: OverlapScore(key, num_classes) for key in ("dice", "iou")})
 
 
+def _module_defaults() -> dict[str, Any]:
+    """conf/module/default.yaml's plain values (its interpolations name the model preset)."""
+    from spineseg import config
+
+    raw = config.group("module/default")
+    return {k: v for k, v in raw.items() if k != "_target_" and "${" not in str(v)}
+
+
 class SegmentationModule(L.LightningModule):
     """Wraps `build_model(arch, encoder, weights)`; hyper-parameters are plain data so a
     checkpoint loads with `weights_only=True`."""
@@ -211,6 +219,10 @@ class SegmentationModule(L.LightningModule):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
         hparams = dict(ckpt.get("hyper_parameters", {}))
         hparams["weights"] = None
+        # An option added since the checkpoint was written takes its config default (what
+        # that checkpoint's training did before the option existed).
+        for key, value in _module_defaults().items():
+            hparams.setdefault(key, value)
         module = cls(**hparams)
         module.load_state_dict(ckpt["state_dict"])
         return module.eval()
