@@ -13,7 +13,7 @@ In one run on one machine it
      DiceMetric, HausdorffDistanceMetric(percentile=95)) on the same store: agreement and
      our time over theirs.
 
-Defaults take about two minutes on 2 cores. The issue's big case:
+Defaults take about two minutes on 2 cores. The large case (10 GB of probabilities):
     python benchmarks/bench_ensemble.py --models 10 --images 2000 --height 512 --width 512 \
         --rss-n 500,1000,2000 --rss-size 512 --out bench_big.json
 """
@@ -327,19 +327,18 @@ def compare_monai(data: Any, models: list[str], chunk: int) -> dict[str, Any]:
         fg = labels.float()[:, None]
         return torch.cat([1 - fg, fg], dim=1)
 
-    rules = [agreement.Method("soft", 0.5, rule="soft"), agreement.Method("hard", 0.5, rule="hard")]
+    methods = [scoring.Method(name, 0.5, rule=name) for name in ("soft", "hard")]
     for sl in iter_chunks(data.truth.n, chunk):
         probs = torch.from_numpy(load_chunk(arrays, models, SPLIT, data.truth.ids, sl))
         truth = torch.from_numpy(read_rows(data.truth.masks, sl).astype(np.int64))
-        with timer(t, "ours_vote_dice"):  # the evaluator's path, on the same float32 chunk
-            fg = (truth != 0).reshape(len(truth), -1)
-            keys = probs.view(torch.int32).reshape(len(models), len(truth), -1)
-            got = agreement.score_chunk(keys, fg, rules, None, np.float32, want_labels=True)
-            ts = fg.sum(1)
+        with timer(t, "ours_vote_dice"):  # the evaluator's scorer, on the same float32 chunk
+            got = scoring.score_chunk(
+                probs.numpy(), truth.numpy(), methods, None,
+                models=models, split=SPLIT, ids=data.truth.ids[sl], want_labels=True,
+            )  # fmt: skip
             for name in ("soft", "hard"):
-                scores = metrics.overlap_from_counts(got[name].tp, got[name].ps, ts)
-                ours[f"{name}_dice"].append(scores["dice"])
-            soft = got["soft"].labels.reshape(truth.shape)
+                ours[f"{name}_dice"].append(got[name].overlap["dice"])
+            soft = torch.from_numpy(got["soft"].labels.astype(np.uint8))
         with timer(t, "ours_hd95"):
             ours["soft_hd95"].append(metrics.surface_metrics(soft, truth, 2)["hd95"])
         with timer(t, "monai_vote_dice"):

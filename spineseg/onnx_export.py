@@ -164,6 +164,7 @@ class OnnxEnsemble(Ensemble):
         self.limits = Limits.from_json(meta["quality"]) if meta.get("quality") else None
         self.temperature = meta.get("temperature")
         self.tta = meta.get("tta", "none")  # inside the graph already
+        self.stage1 = None  # a cascade is never exported (`export` refuses it)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

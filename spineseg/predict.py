@@ -225,9 +225,8 @@ class Ensemble:
         crops = [
             predicted_crop(p.labels, self.pipeline.crop) for p in self.stage1.predict_batch(images)
         ]
-        own = Ensemble.predict_batch(
-            self._without_stage1(), [c.box.crop(im) for c, im in zip(crops, images, strict=True)]
-        )
+        plain = self._without_stage1()
+        own = plain.predict_batch([c.box.crop(im) for c, im in zip(crops, images, strict=True)])
         out = []
         for c, im, p in zip(crops, images, own, strict=True):
             shape = im.shape[:2]
