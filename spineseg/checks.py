@@ -48,8 +48,9 @@ def check_numbers(cfg: DictConfig | dict, prefix: str = "") -> None:
 
 def check_run(cfg: DictConfig) -> None:
     """What `spineseg-train` checks before it touches data: numbers, the model's
-    architecture and encoder, the data loader's workers, and the ensemble options the
-    sweep will end with."""
+    architecture and encoder, the data loader's workers, a cascade's stage 1, and the
+    ensemble options the sweep will end with."""
+    from spineseg.data.cascade import check_stage1_run
     from spineseg.data.datamodule import resolve_workers
     from spineseg.ensemble.evaluate import ensemble_config
     from spineseg.models.factory import check_arch, check_encoder
@@ -58,5 +59,6 @@ def check_run(cfg: DictConfig) -> None:
     check_arch(str(cfg.model.arch))
     check_encoder(str(cfg.model.encoder))
     resolve_workers(cfg.data.get("num_workers", "auto"))
+    check_stage1_run(cfg.data.get("crop"))
     if cfg.get("ensemble") is not None:
         ensemble_config(cfg.ensemble)

@@ -135,3 +135,14 @@ def test_a_stage1_trained_on_held_out_films_is_refused(tmp_path) -> None:
     crop = {"stage1": str(stage1)}
     with pytest.raises(DataError, match=r"stage 1 trained on \d+ film"):
         build("data", **opts, crop=crop, run_dir=str(tmp_path / "stage2")).setup()
+
+
+def test_a_stage1_without_an_ensemble_is_refused_before_any_film(tmp_path, compose_train) -> None:
+    from spineseg.checks import check_run
+
+    cfg = compose_train("experiment=tiny", f"data.crop={{stage1:{tmp_path / 'nothing'}}}")
+    with pytest.raises(ConfigError, match=r"has no ensemble/selection\.json"):
+        check_run(cfg)
+    cfg = compose_train("experiment=tiny", f"data.crop={{stage1:{tmp_path},margin:9}}")
+    with pytest.raises(ConfigError, match=r"margin=9\.0 must be in"):
+        check_run(cfg)

@@ -185,6 +185,21 @@ def predicted_crop(labels: np.ndarray, spec: CropSpec) -> Crop:
     return Crop(box, "stage1", clamped)
 
 
+def check_stage1_run(crop: Mapping[str, Any] | None) -> CropSpec | None:
+    """`data.crop` checked before any film is read: its options, and that stage 1 is a
+    finished run with a selected ensemble (a sweep checks every job this way first)."""
+    spec = CropSpec.from_config(None if crop is None else dict(crop))
+    if spec is None:
+        return None
+    selection = Path(spec.stage1) / "ensemble" / "selection.json"
+    if not selection.is_file():
+        raise ConfigError(
+            f"data.crop.stage1={spec.stage1} has no ensemble/selection.json: train stage 1 "
+            "and run spineseg-ensemble on it first"
+        )
+    return spec
+
+
 def stage1_ensemble(spec: CropSpec, device: str = "cpu") -> Any:
     from spineseg.predict import load_ensemble
 
