@@ -1,5 +1,7 @@
-"""The streaming evaluator: every voting rule, every selected model and the best single model,
-scored per image in one pass over the held-out splits.
+"""The ensemble's computation: choose on validation, then score every voting rule, every
+selected model and the best single model per image in one streaming pass over the held-out
+splits, with the statistics, the temperatures and the quality limits (`compute` returns an
+`EnsembleSummary`; `spineseg.report.outputs` writes it).
 
 Images are read in chunks from the store's memory maps, so peak memory depends on
 `chunk_size` and K, not on N. The chunk evaluation takes plain arrays, which is what lets the
