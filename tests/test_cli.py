@@ -81,3 +81,10 @@ def test_a_missing_required_option_is_one_line(script: str, capsys, tmp_path, mo
     code, _, err = _run(script, [], capsys)
     assert code == 1 and err.strip().count("\n") == 0
     assert err.startswith(f"error: {REQUIRED[script]} is required; usage: {script}")
+
+
+def test_an_unknown_preset_is_one_line_with_the_choices(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run("spineseg-validate-data", ["data=no_such_preset"], capsys)
+    assert code == 1 and err.strip().count("\n") == 0
+    assert "Could not find 'data/no_such_preset'; valid choices: aasce, " in err

@@ -98,7 +98,7 @@ def hydra_error_line(err: BaseException) -> str:
         at = next(i for i, ln in enumerate(lines) if ln.startswith("Available options in"))
         end = next((i for i, ln in enumerate(lines) if ln.startswith("Config search path")), None)
         options = [o for o in lines[at + 1 : end] if not o.startswith("_")]
-        return " ".join([*lines[:at], f"valid choices: {', '.join(options)}"])
+        return f"{' '.join(lines[:at])}; valid choices: {', '.join(options)}"
     noise = ("full_key", "object_type", "To append", "See https://", "Config search", "provider=")
     return " ".join(ln for ln in lines if not ln.startswith(noise))
 
