@@ -96,10 +96,10 @@ def _labels(masks: np.ndarray, channels: int) -> torch.Tensor:
 def _sources(spec: Any, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each model's and each rule's scores on one chunk (K,n,C,H,W)."""
     from spineseg.ensemble import rules
-    from spineseg.names import MODEL_PREFIX
+    from spineseg.names import model_method
 
     weights = torch.tensor(spec.weights, dtype=torch.float32)
-    out = {f"{MODEL_PREFIX}{m}": chunk[k] for k, m in enumerate(spec.models)}
+    out = {model_method(m): chunk[k] for k, m in enumerate(spec.models)}
     for rule in spec.rules:
         out[rule] = rules.fuse(rule, chunk, weights=weights, threshold=spec.threshold)
     return out

@@ -48,7 +48,7 @@ from spineseg.ensemble.store import (
     read_rows,
 )
 from spineseg.errors import ConfigError, StoreError, choices_message
-from spineseg.names import BEST, MODEL_PREFIX, VAL
+from spineseg.names import BEST, VAL, model_method
 from spineseg.names import STORED_SPLITS as SPLITS
 from spineseg.utils.io import staged_dir
 
@@ -143,7 +143,7 @@ def scored_methods(spec: EnsembleSpec) -> list[scoring.Method]:
     return [
         *[scoring.Method(r, spec.thresholds.get(r, spec.threshold), rule=r) for r in spec.rules],
         *[
-            scoring.Method(MODEL_PREFIX + m, spec.threshold, model=k)
+            scoring.Method(model_method(m), spec.threshold, model=k)
             for k, m in enumerate(spec.models)
         ],
     ]
@@ -178,7 +178,7 @@ def evaluate_arrays(
     num_classes = max(2, int(probs[0].shape[1]))
     weights = torch.tensor(spec.weights, dtype=torch.float32)
     cols: dict[str, list[Any]] = {c: [] for c in PER_IMAGE_COLUMNS}
-    best_name = MODEL_PREFIX + spec.best_single
+    best_name = model_method(spec.best_single)
     methods = scored_methods(spec)
 
     def add(

@@ -169,8 +169,9 @@ def truth_features(truth: Any) -> list[dict[str, float]]:
 
 def method_of(rule: str, post: Mapping[str, str]) -> str:
     """The results' name of a rule with the post-processing chosen for it."""
-    chosen = post.get(rule, "none")
-    return rule if chosen == "none" else f"{rule}+{chosen}"
+    from spineseg.names import post_method
+
+    return post_method(rule, post.get(rule, "none"))
 
 
 def assess(

@@ -14,7 +14,7 @@ fraction...): that is what makes the agreement pixels' labels the unanimous vote
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -27,7 +27,7 @@ from spineseg.errors import ConfigError, choices_message
 if TYPE_CHECKING:
     from spineseg.ensemble.agreement import Band
 
-__all__ = ["RULES", "BandLabels", "Rule", "check", "fuse", "fuse_labels", "get"]
+__all__ = ["RULES", "BandLabels", "Rule", "fuse", "fuse_labels", "get"]
 
 
 class BandLabels(NamedTuple):
@@ -158,11 +158,6 @@ def get(name: str) -> Rule:
     if rule is None:
         raise ConfigError(choices_message("voting rule", name, list(RULES)))
     return rule
-
-
-def check(names: Sequence[str]) -> list[str]:
-    """The names, each checked against the registry."""
-    return [get(n).name for n in names]
 
 
 def fuse(

@@ -21,7 +21,7 @@ from spineseg.ensemble.evaluate import EnsembleSpec, EnsembleSummary, method_ord
 from spineseg.ensemble.quality import POOR_DICE
 from spineseg.ensemble.selection import save_selection
 from spineseg.ensemble.store import Truth, load_chunk, read_rows
-from spineseg.names import MODEL_PREFIX
+from spineseg.names import model_method
 from spineseg.report.tables import results_markdown
 from spineseg.utils.io import atomic_write_json, atomic_write_text
 
@@ -109,7 +109,7 @@ def write_figures(folder: Path, s: EnsembleSummary) -> tuple[dict[str, Path], di
     figures: dict[str, Path] = {}
     galleries: dict[str, Path] = {}
     shown = [r for r in ("soft", spec.rules[0]) if r in spec.rules][:1]
-    shown += [f"{MODEL_PREFIX}{spec.best_single}"]
+    shown += [model_method(spec.best_single)]
     for split, names in s.calibrated.items():
         figures[f"reliability_{split}"] = fig.plot_reliability(
             {n: names[n] for n in shown if n in names},
