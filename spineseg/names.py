@@ -35,6 +35,11 @@ DEFAULT_MASK_LEVELS: tuple[str, ...] = TARGET_LEVELS
 #: The store's per-vertebra truth: 0 = background, 1..4 = Th8..Th11.
 MAX_LABEL = NUM_TARGET
 
+# ---------------------------------------------------------------------- a run directory
+#: What `spineseg-ensemble` chose on validation (models, weights, thresholds, ...); what
+#: predict, export and a cascade's stage 2 load. Relative to the run directory.
+SELECTION = "ensemble/selection.json"
+
 # ---------------------------------------------------------------------- targets
 #: What a model learns: the binary region (the paper), the four target vertebrae, or
 #: every labelled vertebra (the region is derived from the Th8..Th11 classes).

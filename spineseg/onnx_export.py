@@ -22,6 +22,7 @@ from spineseg.ensemble import rules, voting
 from spineseg.ensemble import tta as TTA
 from spineseg.ensemble.quality import Limits
 from spineseg.errors import ConfigError, StoreError
+from spineseg.names import SELECTION
 from spineseg.predict import Ensemble, Pipeline, load_ensemble
 from spineseg.utils.io import atomic_open
 
@@ -124,7 +125,7 @@ def export(run_dir: str | Path, output: str | Path, rule: str = "soft") -> Path:
             f"{run_dir} is a cascade (data.crop): one graph cannot hold the crop between its "
             "two ensembles; predict it with engine=torch"
         )
-    selection = json.loads((run_dir / "ensemble" / "selection.json").read_text())
+    selection = json.loads((run_dir / SELECTION).read_text())
     return write_graph(ens, output, describe(ens, selection.get("set_id")))
 
 
@@ -175,7 +176,7 @@ class OnnxEnsemble(Ensemble):
 
 
 def _check_same_run(path: Path, meta: dict[str, Any], run_dir: Path) -> None:
-    selection = json.loads((run_dir / "ensemble" / "selection.json").read_text())
+    selection = json.loads((run_dir / SELECTION).read_text())
     if meta.get("models") != selection.get("models") or meta.get("set_id") != selection.get(
         "set_id"
     ):

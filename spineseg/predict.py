@@ -14,7 +14,7 @@ import copy
 import json
 import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +28,12 @@ from spineseg.ensemble import tta as TTA
 from spineseg.ensemble.calibration import scaled
 from spineseg.ensemble.quality import Limits
 from spineseg.errors import ConfigError, DataError, StoreError, choices_message
+from spineseg.names import SELECTION
+from spineseg.utils.paths import rebased
 
 if TYPE_CHECKING:  # Lightning takes ~10 s to import: only once the run dir checks out
     from spineseg.models.module import SegmentationModule
 
-SELECTION = Path("ensemble") / "selection.json"
 QUALITY = Path("ensemble") / "quality.json"
 CALIBRATION = Path("ensemble") / "calibration.json"
 DEVICES = ("auto", "cpu", "cuda")
@@ -103,12 +104,16 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _checkpoint_path(value: Any, run_dir: Path, manifest: Path) -> Path:
-    """Absolute as written by training; a relative path is tried under run_dir, then cwd."""
+def _checkpoint_path(
+    value: Any, run_dir: Path, manifest: Path, recorded_run_dir: str | None = None
+) -> Path:
+    """As written by training (absolute), taken inside the run directory where it is now (a
+    run moved or copied keeps working); a relative path is tried under run_dir, then cwd."""
     if not value:
         raise StoreError(f"{manifest}: no checkpoint recorded for this model")
     path = Path(str(value))
-    candidates = [path] if path.is_absolute() else [run_dir / path, path]
+    candidates = [rebased(path, recorded_run_dir, run_dir)]
+    candidates += [path] if path.is_absolute() else [run_dir / path, path]
     for cand in candidates:
         if cand.is_file():
             return cand
@@ -304,6 +309,7 @@ def load_ensemble(
     dev = resolve_device(device)
     pipelines: set[Pipeline] = set()
     checkpoints = []
+    recorded_run_dir = None
     for name in names:
         man_path = run_dir / "predictions" / str(name) / "manifest.json"
         if not man_path.is_file():
@@ -312,7 +318,10 @@ def load_ensemble(
         if manifest.get("status") != "complete":
             raise StoreError(f"{man_path}: model {name!r} is {manifest.get('status')!r}")
         pipelines.add(Pipeline.from_config(manifest.get("config") or {}, man_path))
-        checkpoints.append(_checkpoint_path(manifest.get("checkpoint"), run_dir, man_path))
+        recorded_run_dir = manifest["config"].get("run_dir")
+        checkpoints.append(
+            _checkpoint_path(manifest.get("checkpoint"), run_dir, man_path, recorded_run_dir)
+        )
     if len(pipelines) > 1:
         raise StoreError(f"{sel_path}: selected models were trained with different data settings")
     pipeline = pipelines.pop()
@@ -331,9 +340,10 @@ def load_ensemble(
     )
     ens.tta = TTA.check(str(selection.get("tta", "none")))
     if pipeline.crop is not None:  # a cascade: stage 1 finds where to look
-        from spineseg.data.cascade import stage1_ensemble
+        from spineseg.data.cascade import stage1_ensemble, within_run
 
-        ens.stage1 = stage1_ensemble(pipeline.crop, device)
+        ens.pipeline = replace(pipeline, crop=within_run(pipeline.crop, recorded_run_dir, run_dir))
+        ens.stage1 = stage1_ensemble(ens.pipeline.crop, device)
     ens.limits = read_limits(run_dir, rule)
     ens.temperature = read_temperature(run_dir, rule)
     return ens

@@ -301,3 +301,20 @@ def test_load_parallel_keeps_order_and_reports_the_first_bad_item():
         from spineseg.data.io import check_on_error
 
         check_on_error("ignore")
+
+
+@pytest.mark.parametrize(
+    ("path", "recorded", "expected"),
+    [
+        ("/a/runs/r1/jobs/m/best.ckpt", "/a/runs/r1", "/b/r1/jobs/m/best.ckpt"),
+        ("/a/runs/r1/jobs/m/best.ckpt", "runs/r1", "/b/r1/jobs/m/best.ckpt"),  # relative root
+        ("runs/r1/stage1", "runs/r1", "/b/r1/stage1"),
+        ("/elsewhere/stage1", "/a/runs/r1", "/elsewhere/stage1"),  # outside: unchanged
+        ("/a/runs/r10/x", "/a/runs/r1", "/a/runs/r10/x"),  # a prefix of a name is not inside
+        ("/a/runs/r1/x", None, "/a/runs/r1/x"),
+    ],
+)
+def test_a_path_inside_a_moved_run_directory_follows_it(path, recorded, expected) -> None:
+    from spineseg.utils.paths import rebased
+
+    assert rebased(path, recorded, "/b/r1") == Path(expected)

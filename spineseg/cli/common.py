@@ -92,8 +92,15 @@ def check_overrides(config_name: str, overrides: Sequence[str], config_dir: str 
 def hydra_error_line(err: BaseException) -> str:
     """Hydra's several-line composition error (and its cause) as one line, with a group's
     valid choices where it lists them."""
+    from hydra.errors import OverrideParseException
+
     text = str(err) if err.__cause__ is None else f"{err}\n{err.__cause__}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if isinstance(err, OverrideParseException):
+        return (
+            f"cannot parse the override {err.override!r}: {lines[0]} (a list item holding = "
+            "or spaces needs quotes: key='[\"a=b\"]')"
+        )
     if "Available options in" in text:
         at = next(i for i, ln in enumerate(lines) if ln.startswith("Available options in"))
         end = next((i for i, ln in enumerate(lines) if ln.startswith("Config search path")), None)

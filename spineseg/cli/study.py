@@ -1,6 +1,8 @@
 """`spineseg-study`: the paper's whole protocol in one command (`make demo`,
 `make reproduce-paper`).
 
+  0) a cascade's stage 1 (`study.stage1`), trained and selected on validation first
+                                                       -> data.crop.stage1
   a) augmentation off vs on, one reference model      -> <run_dir>/ablation/augment-<v>/
   b) the model sweep (Hydra multirun, any launcher)    -> <run_dir>/predictions/
   c) top-k selection on validation  d) every rule on test and external -> <run_dir>/ensemble/
@@ -23,7 +25,8 @@ from omegaconf import DictConfig
 
 import spineseg  # noqa: F401
 from spineseg.cli.common import hydra_app
-from spineseg.errors import SpinesegError
+from spineseg.errors import ConfigError, SpinesegError
+from spineseg.names import SELECTION
 
 log = logging.getLogger("spineseg.study")
 
@@ -36,12 +39,41 @@ def _run(step: str, cmd: list[str]) -> int:
     return code
 
 
+def _stage1(cfg: DictConfig, train: list[str], passthrough: list[str]) -> None:
+    """A cascade's stage 1: this command with `study.stage1`'s overrides, into
+    `data.crop.stage1`, selected on validation only (the test split is read once, by
+    stage 2). A finished stage 1 is kept as it is."""
+    crop = cfg.data.get("crop")
+    if not crop or not crop.get("stage1"):
+        raise ConfigError(
+            "study.stage1 is set but data.crop.stage1 is not: study.stage1 trains a cascade's "
+            "stage 1 into data.crop.stage1 (set both, or study.stage1=null)"
+        )
+    stage1 = Path(str(crop.stage1))
+    if (stage1 / SELECTION).is_file():
+        log.info("stage 1 %s is finished: kept", stage1)
+        return
+    extra = [str(o) for o in cfg.study.stage1]
+    sweeps = (HydraConfig.get().sweeper.get("params") or {}).get("model")
+    model = (
+        [] if sweeps or any(o.startswith("model=") for o in extra) else [f"model={cfg.model.name}"]
+    )
+    cmd = [*train, "-m", *passthrough, *model, *extra, "data.crop=null", f"run_dir={stage1}",
+           "ensemble.enabled=true", "ensemble.splits=[val]"]  # fmt: skip
+    if _run("0) cascade stage 1 (selected on validation)", cmd):
+        raise SpinesegError(f"stage 1 failed; its models' logs are {stage1}/jobs/*/train.log")
+    if not (stage1 / SELECTION).is_file():
+        raise SpinesegError(f"stage 1 finished without {stage1 / SELECTION}")
+
+
 def study(cfg: DictConfig) -> Path:
     overrides = list(HydraConfig.get().overrides.task)
     run_dir = Path(cfg.run_dir)
     train = [sys.executable, "-m", "spineseg.cli.train"]
     passthrough = [o for o in overrides if not o.startswith(("run_dir=", "model="))]
 
+    if cfg.study.get("stage1") is not None:
+        _stage1(cfg, train, passthrough)
     if cfg.study.augment_ablation:
         for value in cfg.study.augment_values:
             code = _run(

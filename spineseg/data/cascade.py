@@ -35,8 +35,9 @@ import numpy as np
 from spineseg.data.sample import Sample
 from spineseg.errors import ConfigError, DataError
 from spineseg.labels import region_mask
-from spineseg.names import TRAIN
+from spineseg.names import SELECTION, TRAIN
 from spineseg.utils.io import atomic_write_text
+from spineseg.utils.paths import rebased
 
 log = logging.getLogger(__name__)
 
@@ -191,13 +192,19 @@ def check_stage1_run(crop: Mapping[str, Any] | None) -> CropSpec | None:
     spec = CropSpec.from_config(None if crop is None else dict(crop))
     if spec is None:
         return None
-    selection = Path(spec.stage1) / "ensemble" / "selection.json"
+    selection = Path(spec.stage1) / SELECTION
     if not selection.is_file():
         raise ConfigError(
-            f"data.crop.stage1={spec.stage1} has no ensemble/selection.json: train stage 1 "
-            "and run spineseg-ensemble on it first"
+            f"data.crop.stage1={spec.stage1} has no {SELECTION}: train stage 1 and run "
+            "spineseg-ensemble on it first (spineseg-study does both when study.stage1 is set)"
         )
     return spec
+
+
+def within_run(spec: CropSpec, recorded_run_dir: str | None, run_dir: Path) -> CropSpec:
+    """A stage 1 kept inside the run directory (spineseg-study's `<run_dir>/stage1`) moves
+    with it, so a cascade copied to another machine or folder still finds its stage 1."""
+    return replace(spec, stage1=str(rebased(spec.stage1, recorded_run_dir, run_dir)))
 
 
 def stage1_ensemble(spec: CropSpec, device: str = "cpu") -> Any:

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import SpinesegError, StoreError
+from spineseg.names import SELECTION
 from spineseg.report import figures as figs
 from spineseg.report.tables import fmt, num, rule_rows, rules_table
 from spineseg.utils.io import atomic_open, atomic_write_text, staged_dir
@@ -179,7 +180,7 @@ def load_run(run_dir: str | Path) -> RunData:
         raise ReportError(f"{run_dir / 'predictions'} does not exist: no predictions in {run_dir}")
     notes: list[str] = []
     ens = run_dir / "ensemble"
-    selection = _read_json(ens / "selection.json") if (ens / "selection.json").is_file() else None
+    selection = _read_json(run_dir / SELECTION) if (run_dir / SELECTION).is_file() else None
     models = load_models(run_dir, selection)
     if models.empty:
         raise ReportError(f"{run_dir / 'predictions'}: no model folders")
