@@ -65,6 +65,14 @@ def test_end_to_end_region(tmp_path):
     assert len(per_image) == len(_methods(selected)) * (5 + 3)
     assert per_image.groupby(["split", "method"]).size().loc["test"].eq(5).all()
 
+    # the paired difference is the mean of the per-film differences, its CI around it
+    soft = per_image[(per_image["split"] == "test") & (per_image["method"] == "soft")]
+    best = per_image[(per_image["split"] == "test") & (per_image["method"] == BEST)]
+    diff = soft.set_index("id")["dice"] - best.set_index("id")["dice"]
+    row = csv[(csv["split"] == "test") & (csv["method"] == "soft")].iloc[0]
+    assert row["dice_diff_vs_best"] == pytest.approx(diff.mean())
+    assert row["dice_diff_ci_low"] <= row["dice_diff_vs_best"] <= row["dice_diff_ci_high"]
+
     # best_single is the top validation model, and its rows are that model's rows
     b = per_image[per_image["method"] == BEST].reset_index(drop=True)
     m = per_image[per_image["method"] == "model:m0"].reset_index(drop=True)

@@ -20,6 +20,12 @@ def test_the_table_quotes_results_csv(tmp_path, capsys) -> None:
     assert lines[3].startswith(f"| soft | {soft['dice_mean']:.3f} ± {soft['dice_sd']:.3f}")
     assert f"{soft['rel_improvement_pct']:+.2f}%" in lines[3]
     assert len(lines) == 4 and "model:" not in text
+    wide = readme_table(results, ["test"], ["best_single", "soft"], hd95=True, paired=True)
+    head, _, best_row, soft_row = wide.splitlines()
+    assert "test paired Δ Dice [95% CI]" in head and "test HD95 (mm)" in head
+    diff = f"{soft['dice_diff_vs_best']:+.3f} [{soft['dice_diff_ci_low']:+.3f}, "
+    assert diff in soft_row and f"| {soft['hd95_mean']:.1f} |" in soft_row
+    assert "|  |  |  |" in best_row  # the best single model has no difference to itself
     assert main([str(tmp_path), "--splits", "test,external"]) == 0
     out = capsys.readouterr().out
     assert "external Dice (n=3)" in out and "| soft+spine |" in out

@@ -12,6 +12,7 @@ from scipy import stats as sps
 
 from spineseg.ensemble.stats import (
     bootstrap_ci,
+    paired_difference,
     paired_wilcoxon,
     relative_improvement_pct,
     summarize,
@@ -119,3 +120,23 @@ def test_relative_improvement():
     assert relative_improvement_pct(0.9, 0.8) == pytest.approx(12.5)
     assert relative_improvement_pct(0.6, 0.8) == pytest.approx(-25.0)
     assert math.isnan(relative_improvement_pct(0.5, 0.0))
+
+
+def test_the_paired_difference_resamples_pairs() -> None:
+    """A constant gain on films of very different difficulty: the paired CI is the gain
+    itself, where comparing the two means' CIs would see only overlap."""
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0.3, 0.95, 40)
+    a = b + 0.01
+    got = paired_difference(a, b, n_boot=500)
+    assert got["mean"] == pytest.approx(0.01)
+    assert got["ci_low"] == pytest.approx(0.01) and got["ci_high"] == pytest.approx(0.01)
+    lo_a, _ = bootstrap_ci(a, n_boot=500)
+    _, hi_b = bootstrap_ci(b, n_boot=500)
+    assert lo_a < hi_b  # the unpaired intervals overlap
+    noisy = paired_difference(b + rng.normal(0, 0.05, 40), b, n_boot=500)
+    assert noisy["ci_low"] < noisy["mean"] < noisy["ci_high"] and noisy["n"] == 40
+    with_nan = paired_difference([0.5, np.nan, 0.7], [0.4, 0.5, np.nan])
+    assert with_nan["n"] == 1 and with_nan["mean"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_difference([0.1, 0.2], [0.1])

@@ -63,7 +63,8 @@ RESULT_COLUMNS = (
     "hd95_mean", "hd95_sd", "hd95_n_nan", "assd_mean", "assd_sd",
     "level_error_rate", "level_error_ci_low", "level_error_ci_high", "level_n",
     "level_offset_abs_mean", "four_in_order_rate",
-    "rel_improvement_pct", "p_value_vs_best_single", "distance_unit",
+    "rel_improvement_pct", "dice_diff_vs_best", "dice_diff_ci_low", "dice_diff_ci_high",
+    "p_value_vs_best_single", "distance_unit",
     "temperature", "ece", "ece_calibrated",
 )  # fmt: skip
 
@@ -266,7 +267,8 @@ def summarize_results(
     distance_unit: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """One row per (split, method): mean, sd and bootstrap CI of Dice, means of the rest,
-    relative improvement and paired Wilcoxon p of Dice against best_single."""
+    relative improvement, the paired Dice difference (bootstrap CI over images) and the
+    paired Wilcoxon p against best_single."""
     rows = []
     for split in dict.fromkeys(per_image["split"]):
         part = per_image[per_image["split"] == split]
@@ -308,15 +310,18 @@ def summarize_results(
             row["four_in_order_rate"] = stats.proportion_ci(g["four_in_order"].to_numpy())["rate"]
             if method == BEST:
                 row["rel_improvement_pct"], row["p_value_vs_best_single"] = 0.0, math.nan
+                row["dice_diff_vs_best"] = row["dice_diff_ci_low"] = row["dice_diff_ci_high"] = 0.0
             else:
                 a = g.set_index("id")["dice"]
                 common = a.index.intersection(best.index)
+                x, y = a.loc[common].to_numpy(), best.loc[common].to_numpy()
                 row["rel_improvement_pct"] = float(
                     stats.relative_improvement_pct(dice["mean"], best_mean)
                 )
-                row["p_value_vs_best_single"] = float(
-                    stats.paired_wilcoxon(a.loc[common].to_numpy(), best.loc[common].to_numpy())
-                )
+                diff = stats.paired_difference(x, y, n_boot=n_boot, seed=seed)
+                row["dice_diff_vs_best"] = diff["mean"]
+                row["dice_diff_ci_low"], row["dice_diff_ci_high"] = diff["ci_low"], diff["ci_high"]
+                row["p_value_vs_best_single"] = float(stats.paired_wilcoxon(x, y))
             rows.append(row)
     df = pd.DataFrame(rows)
     extra = [c for c in df.columns if c not in RESULT_COLUMNS]

@@ -2,10 +2,12 @@
 figure in the documentation is typed by hand:
 
     python -m spineseg.report.readme_table outputs/demo/default [--splits test,external]
-        [--methods best_single,soft,...] [--levels]
+        [--methods best_single,soft,...] [--levels] [--hd95] [--paired]
 
 One row per method: Dice mean ± sd [95% CI] per split, the relative change over the best
-single model and the paired Wilcoxon p; `--levels` adds the level-error rate [95% CI].
+single model and the paired Wilcoxon p; `--levels` adds the level-error rate [95% CI],
+`--hd95` the mean HD95, `--paired` the paired Dice difference against the best single model
+with its bootstrap 95% CI.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from spineseg.names import BEST, MODEL_PREFIX
-from spineseg.report.tables import level_text
+from spineseg.report.tables import level_text, paired_text
 
 
 def _dice(r: pd.Series) -> str:
@@ -37,6 +39,8 @@ def readme_table(
     splits: list[str] | None = None,
     methods: list[str] | None = None,
     levels: bool = False,
+    hd95: bool = False,
+    paired: bool = False,
 ) -> str:
     splits = splits or list(dict.fromkeys(results["split"]))
     if methods is None:
@@ -46,6 +50,13 @@ def readme_table(
         n = int(results.loc[results["split"] == split, "n"].iloc[0])
         head += [f"{split} Dice (n={n})", "vs best", "p"]
         rule += ["---", "---:", "---:"]
+        if paired:
+            head.append(f"{split} paired Δ Dice [95% CI]")
+            rule.append("---:")
+        if hd95:
+            unit = results.loc[results["split"] == split, "distance_unit"].iloc[0]
+            head.append(f"{split} HD95 ({unit})")
+            rule.append("---:")
         if levels:
             head.append(f"{split} level errors")
             rule.append("---:")
@@ -61,6 +72,17 @@ def readme_table(
                 "" if best else f"{r['rel_improvement_pct']:+.2f}%",
                 "" if best else _p(float(r["p_value_vs_best_single"])),
             ]
+            if paired:
+                cells.append(
+                    paired_text(
+                        method,
+                        r["dice_diff_vs_best"],
+                        r["dice_diff_ci_low"],
+                        r["dice_diff_ci_high"],
+                    )
+                )
+            if hd95:
+                cells.append(f"{r['hd95_mean']:.1f}")
             if levels:
                 cells.append(
                     level_text(
@@ -77,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", default=None, help="comma-separated, default: all in the run")
     ap.add_argument("--methods", default=None, help="comma-separated, default: every rule")
     ap.add_argument("--levels", action="store_true", help="add the level-error rates")
+    ap.add_argument("--hd95", action="store_true", help="add the mean HD95")
+    ap.add_argument("--paired", action="store_true", help="add the paired Dice difference")
     args = ap.parse_args(argv)
     path = args.run_dir / "ensemble" / "results.csv"
     if not path.is_file():
@@ -84,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = pd.read_csv(path)
     split = lambda s: None if s is None else s.split(",")  # noqa: E731
-    print(readme_table(results, split(args.splits), split(args.methods), args.levels))
+    print(
+        readme_table(
+            results, split(args.splits), split(args.methods), args.levels, args.hd95, args.paired
+        )
+    )
     return 0
 
 

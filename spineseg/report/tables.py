@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from spineseg.names import MODEL_PREFIX
+from spineseg.names import BEST, MODEL_PREFIX
 
 #: The columns printed to the console (the CSV has them all).
 SUMMARY_COLUMNS = [
@@ -22,6 +22,8 @@ SUMMARY_COLUMNS = [
     "hd95_mean",
     "level_error_rate",
     "rel_improvement_pct",
+    "dice_diff_ci_low",
+    "dice_diff_ci_high",
     "p_value_vs_best_single",
 ]
 
@@ -52,6 +54,16 @@ def level_text(rate: float, low: float, high: float) -> str:
     return f"{100 * rate:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def paired_text(method: str, diff: Any, low: Any, high: Any) -> str:
+    """A method's paired Dice difference against the best single model, `+0.010 [-0.004,
+    +0.024]`; blank on the best single model's own row."""
+    if method == BEST:
+        return ""
+    if not math.isfinite(num(diff)):
+        return "n/a"
+    return f"{num(diff):+.3f} [{num(low):+.3f}, {num(high):+.3f}]"
+
+
 def console_table(results: pd.DataFrame) -> str:
     """The summary the ensemble prints: the main columns, 4 decimals."""
     return results[SUMMARY_COLUMNS].to_markdown(index=False, floatfmt=".4f")
@@ -66,7 +78,8 @@ def rules_table(
     results: pd.DataFrame, unit: str | None = None, models: bool = False
 ) -> pd.DataFrame:
     """Rules x split with Dice mean ± sd [95% CI], IoU, precision, recall, HD95/ASSD in
-    `unit`, level errors, relative improvement over the best single model and Wilcoxon p;
+    `unit`, level errors, relative improvement over the best single model, the paired Dice
+    difference with its CI and Wilcoxon p;
     with `models`, each selected model's own row too."""
     r = results if models else rule_rows(results)
     units = r["distance_unit"] if "distance_unit" in r else pd.Series(["px"] * len(r))
@@ -101,6 +114,12 @@ def rules_table(
             "Δ Dice vs best single (%)": [
                 "n/a" if not math.isfinite(num(v)) else f"{num(v):+.2f}"
                 for v in r["rel_improvement_pct"]
+            ],
+            "paired Δ Dice [95% CI]": [
+                paired_text(*v)
+                for v in r.reindex(
+                    columns=["method", "dice_diff_vs_best", "dice_diff_ci_low", "dice_diff_ci_high"]
+                ).itertuples(index=False)
             ],
             "p (Wilcoxon)": [
                 "" if not math.isfinite(num(p)) else f"{num(p):.3g}"
