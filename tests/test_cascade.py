@@ -159,7 +159,7 @@ def test_a_cascade_study_trains_stage1_first_and_its_run_moves_as_one(tmp_path) 
     import sys
 
     cmd = [sys.executable, "-m", "spineseg.cli.study", "experiment=tiny",
-           "study.augment_ablation=false", "data.crop={stage1:'${run_dir}/stage1'}",
+           "~sweep", "study.augment_ablation=false", "data.crop={stage1:'${run_dir}/stage1'}",
            "study.stage1=['model=unet_lite0']", f"paths.output_dir={tmp_path / 'out'}",
            f"paths.cache_dir={tmp_path / 'cache'}", "hydra.job_logging.root.level=WARNING"]  # fmt: skip
     env = {**os.environ, "SPINESEG_PROGRESS": "false", "WANDB_MODE": "offline"}
@@ -168,6 +168,7 @@ def test_a_cascade_study_trains_stage1_first_and_its_run_moves_as_one(tmp_path) 
     run = tmp_path / "out" / "tiny" / "default"
     stage1 = run / "stage1"
     assert sorted(p.name for p in (stage1 / "jobs").iterdir()) == ["unet_lite0"]
+    assert sorted(p.name for p in (run / "jobs").iterdir()) == ["unet_lite0"]  # stage 2
     with open(stage1 / "ensemble" / "results.csv") as fh:
         assert {r["split"] for r in csv.DictReader(fh)} == {"val"}  # stage 1 never reads test
     manifest = json.loads((run / "predictions" / "unet_lite0" / "manifest.json").read_text())

@@ -88,3 +88,17 @@ def test_an_unknown_preset_is_one_line_with_the_choices(capsys, tmp_path, monkey
     code, _, err = _run("spineseg-validate-data", ["data=no_such_preset"], capsys)
     assert code == 1 and err.strip().count("\n") == 0
     assert "Could not find 'data/no_such_preset'; valid choices: aasce, " in err
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("study.stage1=[model=unet_lite0]", "cannot parse the override 'study.stage1=[model="),
+        ("sweep=null", "~sweep drops it"),
+    ],
+)
+def test_an_override_hydra_cannot_read_is_one_line(override, says, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run("spineseg-study", [override], capsys)
+    assert code == 1 and err.strip().count("\n") == 0, err
+    assert err.startswith("error: ") and says in err

@@ -87,6 +87,11 @@ def check_overrides(config_name: str, overrides: Sequence[str], config_dir: str 
             message += f"; valid keys: {', '.join(keys)}"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
+    except ValueError as err:  # Hydra's defaults list: a config group set to null
+        nulls = [o.partition("=")[0] for o in overrides if o.endswith("=null")]
+        hint = f" ({nulls[0]}=null: a config group takes one of its options; ~{nulls[0]} drops it)"
+        print(f"error: {err}{hint if nulls else ''}", file=sys.stderr)
+        sys.exit(1)
 
 
 def hydra_error_line(err: BaseException) -> str:
