@@ -369,3 +369,17 @@ def test_the_lightning_callback_is_configured_with_the_ensemble_settings(tmp_pat
     from spineseg.ensemble.evaluate import DEFAULTS
 
     assert EnsembleCallback().n_boot == DEFAULTS["n_boot"]  # unset: the ensemble's default
+
+
+def test_swept_members_whose_names_hold_the_separator_keep_their_best_single(tmp_path):
+    """`-m data.preprocess=clahe,hist_eq` names its members `unet_lite0+data.preprocess=...`:
+    the best of them is still listed as best_single, with and without post-processing."""
+    names = ("unet_lite0+data.preprocess=clahe", "unet_lite0+data.preprocess=hist_eq")
+    make_store(tmp_path, models=names, noise=[1.5, 2.5])
+    run_ensemble(tmp_path, {**FAST, "top_k": 2})
+    csv = pd.read_csv(tmp_path / "ensemble" / "results.csv")
+    test = csv[csv["split"] == "test"].set_index("method")
+    assert {BEST, f"{BEST}+spine", f"model:{names[0]}"} <= set(test.index)
+    assert test.loc[BEST, "dice_mean"] == test.loc[f"model:{names[0]}", "dice_mean"]
+    assert np.isfinite(test.loc["soft", "rel_improvement_pct"])
+    assert np.isfinite(test.loc["soft", "dice_diff_vs_best"])

@@ -30,3 +30,9 @@ def test_the_table_quotes_results_csv(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "external Dice (n=3)" in out and "| soft+spine |" in out
     assert main([str(tmp_path / "nowhere")]) == 1
+    capsys.readouterr()
+    assert main([str(tmp_path), "--splits", "val"]) == 1
+    assert main([str(tmp_path), "--methods", "best_single,nope"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "no 'val' split; there: test, external" in err[0]
+    assert "no 'nope' in the test split; there: best_single, soft" in err[1]

@@ -48,7 +48,7 @@ from spineseg.ensemble.store import (
     read_rows,
 )
 from spineseg.errors import ConfigError, StoreError, choices_message
-from spineseg.names import BEST, VAL, model_method
+from spineseg.names import BEST, POST_SEP, VAL, model_method, post_method
 from spineseg.names import STORED_SPLITS as SPLITS
 from spineseg.utils.io import staged_dir
 
@@ -190,9 +190,9 @@ def evaluate_arrays(
         sl: slice,
         sp: np.ndarray | None,
         axis: dict[str, np.ndarray] | None,
+        post: str = "none",
     ) -> None:
         n = len(truth)
-        base, _, suffix = method.partition("+")
         if distances:
             sf = metrics.surface_metrics(labels, truth, num_classes, spacing=sp)
         else:
@@ -201,9 +201,11 @@ def evaluate_arrays(
             sf = {**sf, **metrics.level_metrics(labels, axis)}
         else:
             sf = {**sf, **{key: np.full(n, np.nan) for key in metrics.LEVEL_KEYS}}
-        names = [method]
-        if base == best_name:  # the best model is listed again as best_single
-            names = [f"{BEST}+{suffix}"] if suffix else [method, BEST]
+        # The best model is listed again as best_single. A swept member's own name may hold
+        # the separator (`unet_lite0+data.preprocess=clahe`), so names are built, not parsed.
+        names = [post_method(method, post)]
+        if method == best_name:
+            names = [post_method(BEST, post)] if post != "none" else [method, BEST]
         for name in names:
             cols["split"].extend([split] * n)
             cols["method"].extend([name] * n)
@@ -222,7 +224,7 @@ def evaluate_arrays(
         for name in post:
             done = postprocess.apply(name, np.asarray(labels))
             overlap = metrics.overlap_metrics(done, truth, num_classes)
-            add(f"{method}+{name}", overlap, done, truth, sl, sp, axis)
+            add(method, overlap, done, truth, sl, sp, axis, post=name)
 
     for sl, raw in iter_raw_chunks(probs, chunk_size):
         truth = read_rows(masks, sl)
@@ -252,8 +254,8 @@ def method_order(
     head = [BEST, *[r for r in rules if r in methods]]
     rank = {m: i for i, m in enumerate(head)}
     post = sorted(
-        (m for m in methods if m.partition("+")[0] in rank and m not in rank),
-        key=lambda m: (m.partition("+")[2], rank[m.partition("+")[0]]),
+        (m for m in methods if m.partition(POST_SEP)[0] in rank and m not in rank),
+        key=lambda m: (m.partition(POST_SEP)[2], rank[m.partition(POST_SEP)[0]]),
     )
     rest = [m for m in methods if m not in head and m not in post]
     return [m for m in head if m in methods] + list(dict.fromkeys(post + rest))
@@ -276,7 +278,7 @@ def summarize_results(
         best_mean = float(best.mean()) if len(best) else math.nan
         for method in method_order(list(dict.fromkeys(part["method"])), spec.rules):
             g = part[part["method"] == method]
-            base = method.partition("+")[0]
+            base = method.partition(POST_SEP)[0]  # a rule's name never holds the separator
             dice = stats.summarize(g["dice"].to_numpy(), n_boot=n_boot, seed=seed)
             hd = g["hd95"].to_numpy()
             row: dict[str, Any] = {

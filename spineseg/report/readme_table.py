@@ -45,6 +45,10 @@ def readme_table(
     splits = splits or list(dict.fromkeys(results["split"]))
     if methods is None:
         methods = [m for m in dict.fromkeys(results["method"]) if not m.startswith(MODEL_PREFIX)]
+    unknown = [sp for sp in splits if sp not in set(results["split"])]
+    if unknown:
+        there = ", ".join(dict.fromkeys(results["split"]))
+        raise ValueError(f"no {unknown[0]!r} split; there: {there}")
     head, rule = ["method"], ["---"]
     for split in splits:
         n = int(results.loc[results["split"] == split, "n"].iloc[0])
@@ -62,6 +66,14 @@ def readme_table(
             rule.append("---:")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
     table = results.set_index(["split", "method"])
+    for split in splits:
+        there = list(results.loc[results["split"] == split, "method"])
+        missing = [m for m in methods if m not in there]
+        if missing:
+            raise ValueError(f"no {missing[0]!r} in the {split} split; there: {', '.join(there)}")
+    needed = {"dice_diff_vs_best"} if paired else set()
+    if needed - set(results.columns):
+        raise ValueError("results.csv predates the paired difference: re-run spineseg-ensemble")
     for method in methods:
         cells = [method.replace("_", " ")]
         for split in splits:
@@ -108,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = pd.read_csv(path)
     split = lambda s: None if s is None else s.split(",")  # noqa: E731
-    print(
-        readme_table(
+    try:
+        text = readme_table(
             results, split(args.splits), split(args.methods), args.levels, args.hd95, args.paired
         )
-    )
+    except ValueError as err:
+        print(f"error: {path}: {err}", file=sys.stderr)
+        return 1
+    print(text)
     return 0
 
 
