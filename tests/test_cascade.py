@@ -4,8 +4,6 @@ the refusal of a leaking stage 1, and predict as crop -> stage 2 -> paste."""
 from __future__ import annotations
 
 import csv
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -148,38 +146,3 @@ def test_a_stage1_without_an_ensemble_is_refused_before_any_film(tmp_path, compo
     cfg = compose_train("experiment=tiny", f"data.crop={{stage1:{tmp_path},margin:9}}")
     with pytest.raises(ConfigError, match=r"margin=9\.0 must be in"):
         check_run(cfg)
-
-
-def test_a_cascade_study_trains_stage1_first_and_its_run_moves_as_one(tmp_path) -> None:
-    """`study.stage1`: one command trains stage 1 into <run_dir>/stage1 (selected on
-    validation only), then the stage-2 sweep on its crops; the run directory, stage 1
-    inside, still predicts after being moved."""
-    import shutil
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "spineseg.cli.study", "experiment=tiny",
-           "~sweep", "study.augment_ablation=false", "data.crop={stage1:'${run_dir}/stage1'}",
-           "study.stage1=['model=unet_lite0']", f"paths.output_dir={tmp_path / 'out'}",
-           f"paths.cache_dir={tmp_path / 'cache'}", "hydra.job_logging.root.level=WARNING"]  # fmt: skip
-    env = {**os.environ, "SPINESEG_PROGRESS": "false", "WANDB_MODE": "offline"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    run = tmp_path / "out" / "tiny" / "default"
-    stage1 = run / "stage1"
-    assert sorted(p.name for p in (stage1 / "jobs").iterdir()) == ["unet_lite0"]
-    assert sorted(p.name for p in (run / "jobs").iterdir()) == ["unet_lite0"]  # stage 2
-    with open(stage1 / "ensemble" / "results.csv") as fh:
-        assert {r["split"] for r in csv.DictReader(fh)} == {"val"}  # stage 1 never reads test
-    manifest = json.loads((run / "predictions" / "unet_lite0" / "manifest.json").read_text())
-    assert manifest["config"]["data"]["crop"]["stage1"] == str(stage1)
-    with open(run / "crops.csv") as fh:
-        sources = {r["source"] for r in csv.DictReader(ln for ln in fh if ln[0] != "#")}
-    assert sources <= {"truth", "stage1", "whole"} and "stage1" in sources
-
-    moved = tmp_path / "elsewhere"
-    shutil.move(run, moved)
-    ens = load_ensemble(moved, rule="soft")
-    assert ens.pipeline.crop.stage1 == str(moved / "stage1")
-    got = ens.predict(film(240, 100))
-    assert got.labels.shape == (240, 100) and got.box is not None
