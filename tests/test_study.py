@@ -91,3 +91,24 @@ def test_the_cascade_trains_stage1_first_and_its_run_moves_as_one(study, tmp_pat
     finally:
         away.rename(run)
     assert got.labels.shape == (240, 100) and got.box is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["study.stage1=[model=unet_lite0]"], "cannot parse the override"),
+        (["study.stage1=['model=unet_lite0']"], "study.stage1 is set but data.crop.stage1 is not"),
+        (["study.stage1=unet", "data.crop={stage1:nowhere}"], "must be a list of overrides"),
+    ],
+)
+def test_a_bad_stage1_is_one_line_before_anything_runs(
+    overrides, says, capsys, tmp_path, monkeypatch
+) -> None:
+    from spineseg.cli.study import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["experiment=tiny", *overrides])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and says in err, err
+    assert not any(tmp_path.iterdir())  # nothing was trained or written

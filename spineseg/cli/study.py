@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 import spineseg  # noqa: F401
 from spineseg.cli.common import hydra_app
@@ -53,7 +53,13 @@ def _stage1(cfg: DictConfig, train: list[str], passthrough: list[str]) -> None:
     if (stage1 / SELECTION).is_file():
         log.info("stage 1 %s is finished: kept", stage1)
         return
-    extra = [str(o) for o in cfg.study.stage1]
+    extra = cfg.study.stage1
+    if not isinstance(extra, ListConfig) or not all(isinstance(o, str) for o in extra):
+        raise ConfigError(
+            f"study.stage1={extra!r} must be a list of overrides, e.g. "
+            '\'study.stage1=["data.image_size=[384,160]","model=unet_lite0"]\''
+        )
+    extra = list(extra)
     sweeps = (HydraConfig.get().sweeper.get("params") or {}).get("model")
     model = (
         [] if sweeps or any(o.startswith("model=") for o in extra) else [f"model={cfg.model.name}"]
