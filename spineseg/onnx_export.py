@@ -125,6 +125,12 @@ def export(run_dir: str | Path, output: str | Path, rule: str = "soft") -> Path:
             f"{run_dir} is a cascade (data.crop): one graph cannot hold the crop between its "
             "two ensembles; predict it with engine=torch"
         )
+    if len(ens.variants) > 1:
+        raise ConfigError(
+            f"{run_dir}: the selected models use different data.preprocess "
+            f"({', '.join(ens.variants)}) and the graph takes one input; predict it with "
+            "engine=torch"
+        )
     selection = json.loads((run_dir / SELECTION).read_text())
     return write_graph(ens, output, describe(ens, selection.get("set_id")))
 
@@ -166,6 +172,7 @@ class OnnxEnsemble(Ensemble):
         self.temperature = meta.get("temperature")
         self.tta = meta.get("tta", "none")  # inside the graph already
         self.stage1 = None  # a cascade is never exported (`export` refuses it)
+        self.variants, self.inputs = [self.pipeline.preprocess], []  # one input (`export`)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

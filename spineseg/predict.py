@@ -14,7 +14,7 @@ import copy
 import json
 import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ from spineseg.ensemble import tta as TTA
 from spineseg.ensemble.calibration import scaled
 from spineseg.ensemble.quality import Limits
 from spineseg.errors import ConfigError, DataError, StoreError, choices_message
-from spineseg.names import SELECTION
+from spineseg.names import SELECTION, STORED_TARGET
 from spineseg.utils.paths import rebased
 
 if TYPE_CHECKING:  # Lightning takes ~10 s to import: only once the run dir checks out
@@ -48,6 +48,12 @@ class Pipeline:
     resize: str
     preprocess: str
     crop: CropSpec | None = None  # the cascade's stage 2: films are cropped by stage 1 first
+
+    def shared(self) -> Pipeline:
+        """What every member of one ensemble must share: the grid they vote on and what they
+        deliver. Members may differ in preprocessing, and a `levels` member delivers the
+        region like a `region` one."""
+        return replace(self, target=STORED_TARGET[self.target], preprocess="")
 
     @classmethod
     def from_config(cls, config: dict[str, Any], where: Path) -> Pipeline:
@@ -149,6 +155,7 @@ class Ensemble:
         threshold: float = 0.5,
         device: torch.device | str = "cpu",
         postprocess: str = "none",
+        preprocess: Sequence[str] | None = None,
     ) -> None:
         from spineseg.ensemble.postprocess import check_names
 
@@ -168,10 +175,18 @@ class Ensemble:
         self.temperature: float | None = None  # the rule's, fitted on validation
         self.tta = "none"  # the test-time augmentation validation chose (selection.json)
         self.stage1: Ensemble | None = None  # a cascade's stage 1 (data.crop.stage1)
+        # Each member's preprocessing (a sweep over data.preprocess gives several): the
+        # distinct ones are the input's channels, and member k reads channel `inputs[k]`.
+        own = list(preprocess) if preprocess is not None else [pipeline.preprocess] * len(models)
+        if len(own) != len(self.models):
+            raise StoreError(f"{len(own)} preprocessing names for {len(self.models)} models")
+        self.variants = list(dict.fromkeys(own))
+        self.inputs = [self.variants.index(v) for v in own]
 
     @property
     def target(self) -> str:
-        return self.pipeline.target
+        """What the ensemble delivers: `levels` members deliver the Th8..Th11 region."""
+        return STORED_TARGET[self.pipeline.target]
 
     @property
     def decision_threshold(self) -> float:
@@ -179,7 +194,8 @@ class Ensemble:
         return rules.get(self.rule).decision_threshold(self.threshold)
 
     def to_input(self, image: np.ndarray) -> tuple[torch.Tensor, G.Geometry]:
-        """Film -> normalised (1, H, W) working tensor, exactly as `prepare` + `FilmDataset`."""
+        """Film -> normalised (P, H, W) working tensor, exactly as `prepare` + `FilmDataset`,
+        one channel per preprocessing the members use (P = 1 but for a preprocessing sweep)."""
         from spineseg.data import transforms as T
         from spineseg.data.datamodule import working_film
 
@@ -190,15 +206,20 @@ class Ensemble:
                 f"expected a HxW uint8/uint16 film, got {image.dtype} with shape {image.shape}",
             )
         p = self.pipeline
-        img, _, geom = working_film(image, None, p.image_size, p.resize, p.preprocess)
-        return T.to_tensor(img)[None], geom
+        channels = []
+        for variant in self.variants:
+            img, _, geom = working_film(image, None, p.image_size, p.resize, variant)
+            channels.append(T.to_tensor(img))
+        return torch.stack(channels), geom
 
     def model_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H, W) inputs -> every model's probabilities (K, N, C, H, W) on the CPU."""
+        """(N, P, H, W) inputs (`to_input`'s channels) -> every model's probabilities
+        (K, N, C, H, W) on the CPU."""
         x = x.to(self.device)
         with torch.inference_mode():
             out = [
-                TTA.apply(lambda z, m=m: m.probabilities(m(z)), x, self.tta) for m in self.models
+                TTA.apply(lambda z, m=m: m.probabilities(m(z)), x[:, j : j + 1], self.tta)
+                for m, j in zip(self.models, self.inputs, strict=True)
             ]
             return torch.stack(out).cpu()
 
@@ -307,7 +328,7 @@ def load_ensemble(
     except (KeyError, TypeError, ValueError):
         raise StoreError(f"{sel_path}: weights do not name every selected model") from None
     dev = resolve_device(device)
-    pipelines: set[Pipeline] = set()
+    pipelines: list[Pipeline] = []
     checkpoints = []
     recorded_run_dir = None
     for name in names:
@@ -317,16 +338,23 @@ def load_ensemble(
         manifest = _read_json(man_path, "manifest")
         if manifest.get("status") != "complete":
             raise StoreError(f"{man_path}: model {name!r} is {manifest.get('status')!r}")
-        pipelines.add(Pipeline.from_config(manifest.get("config") or {}, man_path))
+        pipelines.append(Pipeline.from_config(manifest.get("config") or {}, man_path))
         recorded_run_dir = manifest["config"].get("run_dir")
         checkpoints.append(
             _checkpoint_path(manifest.get("checkpoint"), run_dir, man_path, recorded_run_dir)
         )
-    if len(pipelines) > 1:
-        raise StoreError(f"{sel_path}: selected models were trained with different data settings")
-    pipeline = pipelines.pop()
+    first = pipelines[0]
+    for name, other in zip(names, pipelines, strict=True):
+        if other.shared() != first.shared():
+            a, b = asdict(first.shared()), asdict(other.shared())
+            key = next(k for k in a if a[k] != b[k])
+            raise StoreError(
+                f"{sel_path}: selected models {names[0]!r} and {name!r} were trained with "
+                f"different data.{key} ({a[key]} vs {b[key]}): they cannot vote on one grid"
+            )
+    pipeline = first
     modules = [_load_module(ckpt, dev) for ckpt in checkpoints]
-    if any(m.target != pipeline.target for m in modules):
+    if any(m.target != p.target for m, p in zip(modules, pipelines, strict=True)):
         raise StoreError(f"{sel_path}: a checkpoint's target differs from its config's")
     ens = Ensemble(
         modules,
@@ -337,6 +365,7 @@ def load_ensemble(
         threshold=float(thresholds.get(rule, 0.5)),
         device=dev,
         postprocess=postprocess,
+        preprocess=[p.preprocess for p in pipelines],
     )
     ens.tta = TTA.check(str(selection.get("tta", "none")))
     if pipeline.crop is not None:  # a cascade: stage 1 finds where to look

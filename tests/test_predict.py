@@ -35,16 +35,19 @@ def make_run(
     target: str = "region",
     resize: str = "stretch",
     crop: dict | None = None,
+    members: dict[str, dict] | None = None,
 ) -> Path:
     """Checkpoints, manifests and selection.json laid out as training + ensembling write them
-    (`crop`: a cascade's stage 2, as `data.crop` records it)."""
+    (`crop`: a cascade's stage 2, as `data.crop` records it; `members`: a model's own data
+    settings, as a sweep over a data option records them)."""
     store = PredictionStore(run_dir)
     data = {"image_size": [64, 64], "resize": resize, "preprocess": "none", "target": target,
             "crop": crop}  # fmt: skip
-    config = {"data": data}
     for i, name in enumerate(MODELS):
+        own = {**data, **(members or {}).get(name, {})}
+        config = {"data": own}
         torch.manual_seed(i)
-        module = build("module", weights=None, target=target, name=name)
+        module = build("module", weights=None, target=own["target"], name=name)
         trainer = L.Trainer(
             max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False
         )
@@ -54,7 +57,12 @@ def make_run(
         trainer.save_checkpoint(ckpt)
         store.write_manifest(
             name,
-            {"status": "complete", "checkpoint": str(ckpt), "config": config, "target": target},
+            {
+                "status": "complete",
+                "checkpoint": str(ckpt),
+                "config": config,
+                "target": own["target"],
+            },
         )
     selection = Selection(
         models=list(MODELS),
@@ -354,13 +362,48 @@ def test_training_and_predict_give_a_film_the_identical_tensor(run_dir, resize, 
     (`Ensemble.to_input`) share one function, and give bit-identical inputs."""
     from spineseg.data.datamodule import FilmDataset, prepare
     from spineseg.data.sample import Sample
-    from spineseg.predict import Pipeline
+    from spineseg.predict import Ensemble, Pipeline
 
     image = film(150, 60, np.uint16)
     sample = Sample("a", "p", image, np.zeros(image.shape, np.uint8), binary_label=True)
     prepared = prepare([sample], (64, 64), resize, preprocess)
     trained = FilmDataset(prepared.images, prepared.labels, prepared.ids)[0]["image"]
-    ens = load_ensemble(run_dir)
-    ens.pipeline = Pipeline("region", (64, 64), resize, preprocess)
+    loaded = load_ensemble(run_dir)
+    ens = Ensemble(loaded.models, loaded.names, Pipeline("region", (64, 64), resize, preprocess))
     predicted, _ = ens.to_input(image)
     assert torch.equal(trained, predicted)
+
+
+def test_members_of_a_preprocessing_sweep_and_of_both_targets_vote_together(tmp_path) -> None:
+    """`-m data.preprocess=clahe,none` and a levels model beside a region model: each member
+    sees its own preprocessing of the film, and all vote on the region."""
+    from spineseg.data import transforms as T
+    from spineseg.data.datamodule import working_film
+
+    run = make_run(tmp_path / "run", members={"m1": {"preprocess": "clahe", "target": "levels"}})
+    ens = load_ensemble(run, rule="soft")
+    assert ens.variants == ["none", "clahe"] and ens.inputs == [0, 1] and ens.target == "region"
+    image = film(90, 70)
+    x, _ = ens.to_input(image)
+    for channel, variant in enumerate(ens.variants):
+        img, _, _ = working_film(image, None, (64, 64), "stretch", variant)
+        torch.testing.assert_close(x[channel], T.to_tensor(img))
+    probs = ens.model_probs(x[None])
+    with torch.inference_mode():
+        for k, m in enumerate(ens.models):
+            own = m.probabilities(m(x[None, ens.inputs[k] : ens.inputs[k] + 1]))
+            torch.testing.assert_close(probs[k], own)
+    got = ens.predict(image)
+    assert got.labels.shape == image.shape and set(np.unique(got.labels)) <= {0, 1}
+    from spineseg.onnx_export import export
+
+    with pytest.raises(ConfigError, match=r"different data\.preprocess"):
+        export(run, tmp_path / "e.onnx")
+
+
+def test_members_on_different_grids_are_refused_naming_the_setting(tmp_path) -> None:
+    run = make_run(tmp_path / "run", members={"m1": {"image_size": [96, 64]}})
+    with pytest.raises(
+        StoreError, match=r"different data\.image_size \(\(64, 64\) vs \(96, 64\)\)"
+    ):
+        load_ensemble(run)
