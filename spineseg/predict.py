@@ -41,7 +41,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class Pipeline:
-    """The data settings a model was trained with; all ensemble members must share them."""
+    """The data settings a model was trained with; ensemble members share all but the
+    preprocessing (`shared`)."""
 
     target: str
     image_size: tuple[int, int]
