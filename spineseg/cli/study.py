@@ -49,10 +49,6 @@ def _stage1(cfg: DictConfig, train: list[str], passthrough: list[str]) -> None:
             "study.stage1 is set but data.crop.stage1 is not: study.stage1 trains a cascade's "
             "stage 1 into data.crop.stage1 (set both, or study.stage1=null)"
         )
-    stage1 = Path(str(crop.stage1))
-    if (stage1 / SELECTION).is_file():
-        log.info("stage 1 %s is finished: kept", stage1)
-        return
     extra = cfg.study.stage1
     if not isinstance(extra, ListConfig) or not all(isinstance(o, str) for o in extra):
         raise ConfigError(
@@ -60,6 +56,10 @@ def _stage1(cfg: DictConfig, train: list[str], passthrough: list[str]) -> None:
             '\'study.stage1=["data.image_size=[384,160]","model=unet_lite0"]\''
         )
     extra = list(extra)
+    stage1 = Path(str(crop.stage1))
+    if (stage1 / SELECTION).is_file():
+        log.info("stage 1 %s is finished: kept", stage1)
+        return
     sweeps = (HydraConfig.get().sweeper.get("params") or {}).get("model")
     model = (
         [] if sweeps or any(o.startswith("model=") for o in extra) else [f"model={cfg.model.name}"]
