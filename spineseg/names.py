@@ -36,9 +36,15 @@ DEFAULT_MASK_LEVELS: tuple[str, ...] = TARGET_LEVELS
 MAX_LABEL = NUM_TARGET
 
 # ---------------------------------------------------------------------- a run directory
-#: What `spineseg-ensemble` chose on validation (models, weights, thresholds, ...); what
-#: predict, export and a cascade's stage 2 load. Relative to the run directory.
-SELECTION = "ensemble/selection.json"
+#: `spineseg-ensemble`'s output set (swapped in whole), relative to the run directory.
+ENSEMBLE_DIR = "ensemble"
+#: What it chose on validation (models, weights, thresholds, ...): what predict, export
+#: and a cascade's stage 2 load.
+SELECTION = f"{ENSEMBLE_DIR}/selection.json"
+#: The temperatures fitted on validation, per model and rule, and the ECE per split.
+CALIBRATION = f"{ENSEMBLE_DIR}/calibration.json"
+#: The quality flags' normal ranges (validation) and how well they catch poor results.
+QUALITY = f"{ENSEMBLE_DIR}/quality.json"
 
 # ---------------------------------------------------------------------- targets
 #: What a model learns: the binary region (the paper), the four target vertebrae, or

@@ -28,14 +28,12 @@ from spineseg.ensemble import tta as TTA
 from spineseg.ensemble.calibration import scaled
 from spineseg.ensemble.quality import Limits
 from spineseg.errors import ConfigError, DataError, StoreError, choices_message
-from spineseg.names import SELECTION, STORED_TARGET
+from spineseg.names import CALIBRATION, QUALITY, SELECTION, STORED_TARGET
 from spineseg.utils.paths import rebased
 
 if TYPE_CHECKING:  # Lightning takes ~10 s to import: only once the run dir checks out
     from spineseg.models.module import SegmentationModule
 
-QUALITY = Path("ensemble") / "quality.json"
-CALIBRATION = Path("ensemble") / "calibration.json"
 DEVICES = ("auto", "cpu", "cuda")
 
 

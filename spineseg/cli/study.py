@@ -26,7 +26,7 @@ from omegaconf import DictConfig, ListConfig
 import spineseg  # noqa: F401
 from spineseg.cli.common import hydra_app
 from spineseg.errors import ConfigError, SpinesegError
-from spineseg.names import SELECTION
+from spineseg.names import ENSEMBLE_DIR, SELECTION
 
 log = logging.getLogger("spineseg.study")
 
@@ -105,7 +105,7 @@ def study(cfg: DictConfig) -> Path:
             f"the sweep exited with {code} (its last line says why); the models' logs are "
             f"{run_dir}/jobs/*/train.log"
         )
-    if not (run_dir / "ensemble" / "results.csv").exists() and cfg.ensemble.enabled:
+    if not (run_dir / ENSEMBLE_DIR / "results.csv").exists() and cfg.ensemble.enabled:
         ens = [o for o in overrides if o.startswith("ensemble.")]
         if _run(
             "c-d) ensemble",
@@ -116,7 +116,7 @@ def study(cfg: DictConfig) -> Path:
     from spineseg.report.report import build_report
 
     report = build_report(run_dir)
-    results = run_dir / "ensemble" / "results.md"
+    results = run_dir / ENSEMBLE_DIR / "results.md"
     if results.exists():
         print("\n" + results.read_text())
     print(f"report: {report}\nrun directory: {run_dir}", flush=True)

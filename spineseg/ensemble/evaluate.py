@@ -48,7 +48,7 @@ from spineseg.ensemble.store import (
     read_rows,
 )
 from spineseg.errors import ConfigError, StoreError, choices_message
-from spineseg.names import BEST, POST_SEP, VAL, model_method, post_method
+from spineseg.names import BEST, ENSEMBLE_DIR, POST_SEP, VAL, model_method, post_method
 from spineseg.names import STORED_SPLITS as SPLITS
 from spineseg.utils.io import staged_dir
 
@@ -452,7 +452,7 @@ def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
     candidates = candidate_models(store)
     if not candidates:
         raise StoreError(f"{store.root}: no complete model with a readable val split")
-    final = Path(run_dir) / "ensemble"
+    final = Path(run_dir) / ENSEMBLE_DIR
     with staged_dir(final) as out_dir:  # a kill leaves the old complete set, or the new one
         summary = compute(store, candidates, opts)
         write_set(out_dir, summary)

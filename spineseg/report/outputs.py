@@ -21,7 +21,7 @@ from spineseg.ensemble.evaluate import EnsembleSpec, EnsembleSummary, method_ord
 from spineseg.ensemble.quality import POOR_DICE
 from spineseg.ensemble.selection import save_selection
 from spineseg.ensemble.store import Truth, load_chunk, read_rows
-from spineseg.names import model_method
+from spineseg.names import CALIBRATION, QUALITY, SELECTION, model_method
 from spineseg.report.tables import results_markdown
 from spineseg.utils.io import atomic_write_json, atomic_write_text
 
@@ -43,13 +43,13 @@ def json_safe(value: Any) -> Any:
 
 def write_set(out_dir: Path, s: EnsembleSummary) -> None:
     """Every file of one ensemble set, then W&B when enabled."""
-    save_selection(s.selection, out_dir / "selection.json", s.set_id)
+    save_selection(s.selection, out_dir / Path(SELECTION).name, s.set_id)
     atomic_write_json(
-        out_dir / "calibration.json",
+        out_dir / Path(CALIBRATION).name,
         json_safe({"temperatures": s.temperatures, "splits": s.calibrated}),
     )
     atomic_write_json(
-        out_dir / "quality.json",
+        out_dir / Path(QUALITY).name,
         json_safe({"limits": {r: lim.to_json() for r, lim in s.limits.items()},
                    "detection": s.flags_caught, "poor_dice": POOR_DICE}),
     )  # fmt: skip

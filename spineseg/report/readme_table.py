@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from spineseg.names import BEST, MODEL_PREFIX
+from spineseg.names import BEST, ENSEMBLE_DIR, MODEL_PREFIX
 from spineseg.report.tables import level_text, paired_text
 
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hd95", action="store_true", help="add the mean HD95")
     ap.add_argument("--paired", action="store_true", help="add the paired Dice difference")
     args = ap.parse_args(argv)
-    path = args.run_dir / "ensemble" / "results.csv"
+    path = args.run_dir / ENSEMBLE_DIR / "results.csv"
     if not path.is_file():
         print(f"error: {path} does not exist: run spineseg-ensemble first", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import SpinesegError, StoreError
-from spineseg.names import SELECTION
+from spineseg.names import ENSEMBLE_DIR, SELECTION
 from spineseg.report import figures as figs
 from spineseg.report.tables import fmt, num, rule_rows, rules_table
 from spineseg.utils.io import atomic_open, atomic_write_text, staged_dir
@@ -179,7 +179,7 @@ def load_run(run_dir: str | Path) -> RunData:
     if not (run_dir / "predictions").is_dir():
         raise ReportError(f"{run_dir / 'predictions'} does not exist: no predictions in {run_dir}")
     notes: list[str] = []
-    ens = run_dir / "ensemble"
+    ens = run_dir / ENSEMBLE_DIR
     selection = _read_json(run_dir / SELECTION) if (run_dir / SELECTION).is_file() else None
     models = load_models(run_dir, selection)
     if models.empty:
@@ -329,12 +329,12 @@ def make_figures(data: RunData, out_dir: Path) -> dict[str, Path]:
                 title=f"per-image Dice, {split}",
                 order=order,
             )
-    for src in sorted((data.run_dir / "ensemble" / "figures").glob("reliability_*.png")):
+    for src in sorted((data.run_dir / ENSEMBLE_DIR / "figures").glob("reliability_*.png")):
         split = src.stem.removeprefix("reliability_")
         out[f"Reliability, {split}: before and after temperature scaling"] = _copy(
             src, out_dir / src.name
         )
-    for src in sorted((data.run_dir / "ensemble" / "figures").glob("gallery_*.png")):
+    for src in sorted((data.run_dir / ENSEMBLE_DIR / "figures").glob("gallery_*.png")):
         split = src.stem.removeprefix("gallery_")
         out[f"Best and worst {split} images (soft vote): truth, prediction, disagreement"] = _copy(
             src, out_dir / src.name
