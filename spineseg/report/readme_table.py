@@ -34,6 +34,20 @@ def _p(value: float) -> str:
     return "" if not math.isfinite(value) else f"{value:.2g}" if value < 0.01 else f"{value:.2f}"
 
 
+def _check(results: pd.DataFrame, splits: list[str], methods: list[str], paired: bool) -> None:
+    """What the table quotes is there: each split, each method in it, the paired columns."""
+    for split in splits:
+        if split not in set(results["split"]):
+            there = ", ".join(dict.fromkeys(results["split"]))
+            raise ValueError(f"no {split!r} split; there: {there}")
+        there = list(results.loc[results["split"] == split, "method"])
+        missing = [m for m in methods if m not in there]
+        if missing:
+            raise ValueError(f"no {missing[0]!r} in the {split} split; there: {', '.join(there)}")
+    if paired and "dice_diff_vs_best" not in results.columns:
+        raise ValueError("results.csv predates the paired difference: re-run spineseg-ensemble")
+
+
 def readme_table(
     results: pd.DataFrame,
     splits: list[str] | None = None,
@@ -45,10 +59,7 @@ def readme_table(
     splits = splits or list(dict.fromkeys(results["split"]))
     if methods is None:
         methods = [m for m in dict.fromkeys(results["method"]) if not m.startswith(MODEL_PREFIX)]
-    unknown = [sp for sp in splits if sp not in set(results["split"])]
-    if unknown:
-        there = ", ".join(dict.fromkeys(results["split"]))
-        raise ValueError(f"no {unknown[0]!r} split; there: {there}")
+    _check(results, splits, methods, paired)
     head, rule = ["method"], ["---"]
     for split in splits:
         n = int(results.loc[results["split"] == split, "n"].iloc[0])
@@ -66,14 +77,6 @@ def readme_table(
             rule.append("---:")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
     table = results.set_index(["split", "method"])
-    for split in splits:
-        there = list(results.loc[results["split"] == split, "method"])
-        missing = [m for m in methods if m not in there]
-        if missing:
-            raise ValueError(f"no {missing[0]!r} in the {split} split; there: {', '.join(there)}")
-    needed = {"dice_diff_vs_best"} if paired else set()
-    if needed - set(results.columns):
-        raise ValueError("results.csv predates the paired difference: re-run spineseg-ensemble")
     for method in methods:
         cells = [method.replace("_", " ")]
         for split in splits:
