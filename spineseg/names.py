@@ -45,6 +45,9 @@ SELECTION = f"{ENSEMBLE_DIR}/selection.json"
 CALIBRATION = f"{ENSEMBLE_DIR}/calibration.json"
 #: The quality flags' normal ranges (validation) and how well they catch poor results.
 QUALITY = f"{ENSEMBLE_DIR}/quality.json"
+#: `spineseg-score`'s sets: what predict delivers, scored at the films' own resolution,
+#: one folder per split (`film_scores/val/results.csv`, ...).
+FILM_SCORES_DIR = "film_scores"
 
 # ---------------------------------------------------------------------- targets
 #: What a model learns: the binary region (the paper), the four target vertebrae, or

@@ -269,6 +269,25 @@ class Ensemble:
             )
         return out
 
+    def member(self, name: str, threshold: float = 0.5) -> Ensemble:
+        """One selected model alone, as the results score `best_single`: its own probability
+        at the models' `threshold`, uncalibrated, no post-processing; the same input channel,
+        test-time augmentation and (in a cascade) stage 1 as the ensemble."""
+        if name not in self.names:
+            raise ConfigError(choices_message("member", name, self.names))
+        k = self.names.index(name)
+        one = Ensemble(
+            [self.models[k]],
+            [name],
+            self.pipeline,
+            rule="soft",
+            threshold=threshold,
+            device=self.device,
+            preprocess=[self.variants[self.inputs[k]]],
+        )
+        one.tta, one.stage1 = self.tta, self.stage1
+        return one
+
     def _without_stage1(self) -> Ensemble:
         """This ensemble as a plain one (its own models on whatever films it is given)."""
         plain = copy.copy(self)

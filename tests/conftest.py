@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,22 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("SPINESEG_PROGRESS", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def restore_logging():
+    """An in-process Hydra app configures logging onto pytest's captured streams; put every
+    logger back so that later tests never write to a closed stream."""
+    loggers = [logging.getLogger(), *[lg for lg in logging.root.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger)]]  # fmt: skip
+    saved = {lg: (lg.handlers[:], lg.level, lg.disabled, lg.propagate) for lg in loggers}
+    yield
+    for lg in logging.root.manager.loggerDict.values():
+        if isinstance(lg, logging.Logger) and lg not in saved:
+            lg.handlers.clear()
+    for lg, (handlers, level, disabled, propagate) in saved.items():
+        lg.handlers[:], lg.disabled, lg.propagate = handlers, disabled, propagate
+        lg.setLevel(level)
 
 
 @pytest.fixture

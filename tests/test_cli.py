@@ -4,7 +4,6 @@ override and a missing required option behave the same everywhere."""
 from __future__ import annotations
 
 import importlib
-import logging
 import tomllib
 from pathlib import Path
 
@@ -18,23 +17,11 @@ REQUIRED = {
     "spineseg-predict": "run_dir",
     "spineseg-report": "run_dir",
     "spineseg-export": "run_dir",
+    "spineseg-score": "run_dir",
 }
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """An in-process Hydra app configures logging onto pytest's captured streams; put every
-    logger back so that later tests never write to a closed stream."""
-    loggers = [logging.getLogger(), *[lg for lg in logging.root.manager.loggerDict.values()
-                                      if isinstance(lg, logging.Logger)]]  # fmt: skip
-    saved = {lg: (lg.handlers[:], lg.level, lg.disabled, lg.propagate) for lg in loggers}
-    yield
-    for lg in logging.root.manager.loggerDict.values():
-        if isinstance(lg, logging.Logger) and lg not in saved:
-            lg.handlers.clear()
-    for lg, (handlers, level, disabled, propagate) in saved.items():
-        lg.handlers[:], lg.disabled, lg.propagate = handlers, disabled, propagate
-        lg.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def _main(script: str):

@@ -269,7 +269,7 @@ def test_batched_prediction_equals_one_film_at_a_time(tmp_path, run_dir, capsys)
         assert [r["file"] for r in csv.DictReader(fh)] == ["bad.png"]
     with pytest.raises(SystemExit):
         cli_main([f"run_dir={run_dir}", f"input={src}", f"output={tmp_path}", "batch_size=0"])
-    assert "batch_size=0 must be a whole number >= 1" in capsys.readouterr().err
+    assert "batch_size must be a whole number >= 1, got 0" in capsys.readouterr().err
 
 
 def test_the_package_exports_load_ensemble_lazily(run_dir):

@@ -73,12 +73,27 @@ def test_single_run_writes_checkpoint_metrics_store_and_wandb_offline(tmp_path):
         ("model.weights=/nonexistent/encoder.pth", "weight file not found"),
     ],
 )
-def test_bad_input_is_one_line(tmp_path, override, message):
-    res = train(tmp_path, override)
+def test_bad_input_is_one_line(tmp_path, capsys, restore_logging, override, message):
+    """In this process (the entry point's own `main`): the same error path, without paying
+    for a fresh interpreter per case; the test below runs one case as a user does."""
+    from spineseg.cli.train import main
+
+    paths = [f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*TINY, *paths, override])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+
+
+def test_bad_input_from_the_command_line_is_one_line_and_exit_1(tmp_path):
+    res = train(tmp_path, "data.image_size=[100,64]")
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last
+    assert last.startswith("error: ") and "multiples of 32" in last
 
 
 def test_unknown_preset_lists_choices(tmp_path):

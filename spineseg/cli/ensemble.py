@@ -15,6 +15,7 @@ USAGE = "usage: spineseg-ensemble run_dir=<dir> [ensemble.top_k=5 ...]"
 
 
 def _ensemble(cfg: DictConfig) -> None:
+    from spineseg.data.cascade import CROPS_CSV
     from spineseg.ensemble.evaluate import run_ensemble
     from spineseg.report.tables import console_table
 
@@ -25,6 +26,11 @@ def _ensemble(cfg: DictConfig) -> None:
         f"\nresults: {run_dir / 'ensemble'} (results.csv, results.md, results.json, "
         "per_image.csv, selection.json, figures/)"
     )
+    if (run_dir / CROPS_CSV).is_file():
+        print(
+            "a cascade: these scores are inside each film's crop; `spineseg-score "
+            f"run_dir={run_dir}` scores the masks pasted back on the whole films"
+        )
 
 
 main = hydra_app("run_ensemble", _ensemble, USAGE)

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 from omegaconf import DictConfig
 
+from spineseg.checks import check_whole
 from spineseg.cli.common import flag, hydra_app
 from spineseg.config import APPS_DIR
 from spineseg.errors import ConfigError, DataError, choices_message
@@ -62,12 +63,7 @@ def check_options(cfg: DictConfig) -> None:
         raise ConfigError(f"run_dir is required; {USAGE}")
     for key in ("overlay", "progress", "dicom_seg", "probability"):
         flag(cfg, key)
-    if (
-        isinstance(cfg.batch_size, bool)
-        or not isinstance(cfg.batch_size, int)
-        or cfg.batch_size < 1
-    ):
-        raise ConfigError(f"batch_size={cfg.batch_size!r} must be a whole number >= 1")
+    check_whole("batch_size", cfg.batch_size, 1)
 
 
 def list_inputs(path: Path) -> tuple[list[Path], list[tuple[str, str]]]:

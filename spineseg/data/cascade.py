@@ -277,7 +277,8 @@ def crop_all(
     if lost:
         log.warning(
             "the stage-1 box cuts part of the truth on %d held-out film(s) (e.g. %s): their "
-            "Dice counts only what the box holds; crops.csv has truth_kept per film",
+            "Dice counts only what the box holds (crops.csv: truth_kept per film); "
+            "spineseg-score scores the pasted-back masks against the whole films",
             len(lost), lost[0],
         )  # fmt: skip
     return [replace(s, image=c.box.crop(s.image).copy(), label=c.box.crop(s.label).copy(),

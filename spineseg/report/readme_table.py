@@ -4,6 +4,8 @@ figure in the documentation is typed by hand:
     python -m spineseg.report.readme_table outputs/demo/default [--splits test,external]
         [--methods best_single,soft,...] [--levels] [--hd95] [--paired]
 
+(or a `film_scores/<split>` folder of `spineseg-score`, scored at the films' resolution).
+
 One row per method: Dice mean ± sd [95% CI] per split, the relative change over the best
 single model and the paired Wilcoxon p; `--levels` adds the level-error rate [95% CI],
 `--hd95` the mean HD95, `--paired` the paired Dice difference against the best single model
@@ -108,6 +110,14 @@ def readme_table(
     return "\n".join(lines)
 
 
+def results_path(where: Path) -> Path:
+    """A run's `ensemble/results.csv`, or the results.csv of a folder that holds one (a
+    `film_scores/<split>/` set), or that file itself."""
+    if where.is_file() or (where / "results.csv").is_file():
+        return where if where.is_file() else where / "results.csv"
+    return where / ENSEMBLE_DIR / "results.csv"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hd95", action="store_true", help="add the mean HD95")
     ap.add_argument("--paired", action="store_true", help="add the paired Dice difference")
     args = ap.parse_args(argv)
-    path = args.run_dir / ENSEMBLE_DIR / "results.csv"
+    path = results_path(args.run_dir)
     if not path.is_file():
         print(f"error: {path} does not exist: run spineseg-ensemble first", file=sys.stderr)
         return 1

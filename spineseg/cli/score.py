@@ -1,0 +1,57 @@
+"""`spineseg-score run_dir=<dir> [split=val] [rules=[soft]] [against=<run>] [device=auto]`:
+score what `spineseg-predict` delivers on the run's own held-out films, at the films'
+resolution (`spineseg.report.film_scores`); the options and defaults are conf/apps/score.yaml.
+
+Runs with different working sizes, and a cascade against a whole-film run, compare here;
+`ensemble/results.csv` scores each at its own working resolution. `against=<run>` adds the
+paired difference of each rule against the same rule of another run already scored so.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from spineseg.checks import check_whole
+from spineseg.cli.common import hydra_app
+from spineseg.config import APPS_DIR
+from spineseg.errors import ConfigError
+
+USAGE = "usage: spineseg-score run_dir=<dir> [split=val] [rules=[soft]] [key=value ...]"
+
+
+def _score(cfg: DictConfig) -> str:
+    from spineseg.report.film_scores import against, against_text, score_films, write_film_scores
+    from spineseg.report.readme_table import readme_table
+
+    rules = OmegaConf.to_object(cfg.rules) if OmegaConf.is_list(cfg.rules) else cfg.rules
+    if not isinstance(rules, list) or not rules or not all(isinstance(r, str) for r in rules):
+        raise ConfigError(f"rules={cfg.rules!r} must be a list of rule names, e.g. rules=[soft]")
+    check_whole("batch_size", cfg.batch_size, 1)
+    per_image, results, meta = score_films(
+        str(cfg.run_dir),
+        str(cfg.split),
+        rules,
+        str(cfg.device),
+        None if cfg.data_root is None else str(cfg.data_root),
+        int(cfg.batch_size),
+    )
+    compared = []
+    if cfg.against is not None:
+        compared = against(per_image, str(cfg.against), str(cfg.split), rules)
+        meta["against"] = compared
+    out = write_film_scores(str(cfg.run_dir), per_image, results, meta)
+    table = readme_table(results, levels=True, hd95=True, paired=True)
+    print(table)
+    if compared:
+        print("\n" + against_text(compared))
+    print(f"\nat the films' resolution: {out}")
+    return table
+
+
+main = hydra_app("score", _score, USAGE, APPS_DIR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""What `spineseg-predict` delivers, scored: a run's selected ensemble (each rule asked for)
+and its best single model applied to the run's own held-out films at the films' original
+resolution, against the truth drawn there.
+
+Why beside `ensemble/results.csv`: the evaluator scores at the working resolution (a
+cascade's stage 2 inside its crop), so runs with different working sizes, or a cascade and a
+whole-film run, cannot be compared there. At the film's resolution they can, and that is
+what a user receives. The tables are the evaluator's own (`evaluate.summarize_results`), so
+every column means the same; they go to `<run_dir>/film_scores/<split>/` as one set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spineseg.data.sample import Sample
+from spineseg.ensemble import metrics
+from spineseg.ensemble import postprocess as post
+from spineseg.ensemble.evaluate import (
+    DEFAULTS,
+    METRICS,
+    PER_IMAGE_COLUMNS,
+    EnsembleSpec,
+    summarize_results,
+)
+from spineseg.errors import ConfigError, DataError, StoreError, choices_message
+from spineseg.labels import target_masks, vertebra_labels
+from spineseg.names import (
+    BEST,
+    CHANNELS,
+    EXTERNAL,
+    FILM_SCORES_DIR,
+    SELECTION,
+    STORED_SPLITS,
+    post_method,
+)
+from spineseg.report.outputs import write_results
+
+log = logging.getLogger(__name__)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path} does not exist: {what}") from None
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{path}: unreadable ({err})") from None
+
+
+def run_data(run_dir: Path, selection: dict[str, Any]) -> dict[str, Any]:
+    """The selected models' `data` config, as training recorded it in the manifest."""
+    name = selection["models"][0]
+    path = run_dir / "predictions" / str(name) / "manifest.json"
+    data = (_read_json(path, f"selected model {name!r} has no manifest").get("config") or {}).get(
+        "data"
+    )
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: no config.data recorded")
+    return data
+
+
+def held_out_films(
+    run_dir: str | Path, split: str, data_root: str | None = None
+) -> tuple[list[Sample], dict[str, Any]]:
+    """The run's `split` films, at their own resolution, in the store's order: the films the
+    results scored, read again from the source training recorded (`data_root` where the
+    films have moved since). Returns them and the selection."""
+    from spineseg.data.sources import build_spec
+    from spineseg.ensemble.store import PredictionStore
+
+    run_dir = Path(run_dir)
+    if split not in STORED_SPLITS:
+        raise ConfigError(choices_message("split", split, list(STORED_SPLITS)))
+    selection = _read_json(run_dir / SELECTION, f"run `spineseg-ensemble run_dir={run_dir}` first")
+    store = PredictionStore(run_dir)
+    if not store.has_truth(split):
+        there = [s for s in STORED_SPLITS if store.has_truth(s)]
+        raise StoreError(f"{run_dir}: the store has no {split!r} split; there: {', '.join(there)}")
+    ids = [str(i) for i in store.truth(split).ids]
+    data = run_data(run_dir, selection)
+    spec = dict(data.get("external") or {}) if split == EXTERNAL else dict(data)
+    if data_root is not None:
+        spec["root"] = data_root
+    skipped: list = []
+    wanted = set(ids)
+    found = {s.id: s for s in build_spec(spec, on_error="skip", skipped=skipped) if s.id in wanted}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise DataError(
+            spec.get("root"),
+            f"{len(missing)} of the run's {len(ids)} {split} films are not in this source "
+            f"(first: {missing[0]!r}); data_root= points at the films where they are now",
+        )
+    return [found[i] for i in ids], selection
+
+
+def film_metrics(
+    labels: np.ndarray, sample: Sample, target: str, spacing: Sequence[float] | None
+) -> dict[str, float]:
+    """One film's per-image metrics (the evaluator's columns), at its own resolution."""
+    truth = target_masks(sample.label[None], np.array([sample.binary_label]), target)
+    pred = labels[None]
+    num_classes = max(2, CHANNELS[target])  # as the store's: region 2, vertebrae 5
+    out = {k: float(v[0]) for k, v in metrics.overlap_metrics(pred, truth, num_classes).items()}
+    sp = None if spacing is None else np.asarray([spacing], dtype=np.float64)
+    out.update(
+        {k: float(v[0]) for k, v in metrics.surface_metrics(pred, truth, num_classes, sp).items()}
+    )
+    if sample.binary_label:
+        out.update({k: float("nan") for k in metrics.LEVEL_KEYS})
+    else:
+        axis = metrics.spine_axis(vertebra_labels(sample.label)[None], sp)
+        out.update({k: float(v[0]) for k, v in metrics.level_metrics(pred, axis).items()})
+    return out
+
+
+def score_films(
+    run_dir: str | Path,
+    split: str = "val",
+    rules: Sequence[str] = ("soft",),
+    device: str = "cpu",
+    data_root: str | None = None,
+    batch_size: int = 4,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """(per_image, results, meta) of `best_single` and each rule, with and without the
+    post-processing validation chose for it, on the run's `split` films at their own size."""
+    from spineseg.ensemble import rules as R
+    from spineseg.predict import load_ensemble
+
+    run_dir = Path(run_dir)
+    for rule in rules:
+        R.get(rule)
+    samples, selection = held_out_films(run_dir, split, data_root)
+    spacings = [s.spacing for s in samples]
+    known = all(sp is not None and all(np.isfinite(sp)) and min(sp) > 0 for sp in spacings)
+    spacings = spacings if known else [None] * len(samples)
+    chosen = selection.get("postprocess") or {}
+    posts = sorted({str(chosen.get(r, "none")) for r in rules} - {"none"})
+    cols: dict[str, list[Any]] = {c: [] for c in PER_IMAGE_COLUMNS}
+
+    def run(method: str, ensemble: Any) -> None:
+        start = time.perf_counter()
+        for lo in range(0, len(samples), batch_size):
+            part = samples[lo : lo + batch_size]
+            for s, sp, p in zip(
+                part, spacings[lo : lo + batch_size], ensemble.predict_batch([x.image for x in part]),
+                strict=True,
+            ):  # fmt: skip
+                for name in ("none", *posts):
+                    labels = p.labels if name == "none" else post.apply(name, p.labels)
+                    row = film_metrics(labels, s, ensemble.target, sp)
+                    cols["split"].append(split)
+                    cols["method"].append(post_method(method, name))
+                    cols["id"].append(s.id)
+                    for key in (*METRICS, *metrics.LEVEL_KEYS):
+                        cols[key].append(row[key])
+        log.info(
+            "%s: %d %s films in %.0f s", method, len(samples), split, time.perf_counter() - start
+        )
+
+    first = load_ensemble(run_dir, rules[0], device, postprocess="none")
+    run(BEST, first.member(str(selection["best_single"]), float(DEFAULTS["threshold"])))
+    for rule in rules:
+        ensemble = first if rule == rules[0] else load_ensemble(run_dir, rule, device, "none")
+        run(rule, ensemble)
+    per_image = pd.DataFrame(cols, columns=list(PER_IMAGE_COLUMNS))
+    spec = EnsembleSpec(
+        models=list(selection["models"]),
+        weights=list(selection.get("weights") or []),
+        rules=list(rules),
+        thresholds={r: float((selection.get("thresholds") or {}).get(r, 0.5)) for r in rules},
+        best_single=str(selection["best_single"]),
+        threshold=float(DEFAULTS["threshold"]),
+    )
+    unit = {split: "mm" if known else "px"}
+    results = summarize_results(
+        per_image, spec, int(DEFAULTS["n_boot"]), int(DEFAULTS["seed"]), unit
+    )
+    meta = {
+        "set_id": uuid.uuid4().hex,
+        "selection_set_id": selection.get("set_id"),
+        "split": split,
+        "resolution": "film",
+        "n_images": {split: len(samples)},
+        "rules": list(rules),
+        "postprocess": posts,
+    }
+    return per_image, results, meta
+
+
+def against(
+    per_image: pd.DataFrame, other_run: str | Path, split: str, methods: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Each method against the same method of another run's film scores on the same films:
+    the paired Dice difference (bootstrap 95% CI over films), Wilcoxon p and level errors.
+    At the films' resolution two runs compare whatever their working sizes or crops."""
+    from spineseg.ensemble import stats
+
+    path = Path(other_run) / FILM_SCORES_DIR / split / "per_image.csv"
+    if not path.is_file():
+        raise StoreError(f"{path} does not exist: run `spineseg-score run_dir={other_run}` first")
+    theirs = pd.read_csv(path)
+    out = []
+    for method in methods:
+        a = per_image[per_image["method"] == method].set_index("id")
+        b = theirs[theirs["method"] == method].set_index("id")
+        if b.empty:
+            there = ", ".join(dict.fromkeys(theirs["method"]))
+            raise StoreError(f"{path}: no {method!r}; there: {there}")
+        if set(a.index) != set(b.index):
+            raise StoreError(
+                f"{path}: scores {len(b)} {split} films, this run {len(a)}; a paired comparison "
+                "needs the same films (the same data and splits.csv)"
+            )
+        b = b.loc[a.index]
+        diff = stats.paired_difference(
+            a["dice"], b["dice"], int(DEFAULTS["n_boot"]), seed=int(DEFAULTS["seed"])
+        )
+        ea, eb = a["level_error"].to_numpy(), b["level_error"].to_numpy()
+        out.append({
+            "method": method, "other_run": str(other_run), "n": len(a),
+            "dice_diff": diff["mean"], "dice_diff_ci_low": diff["ci_low"],
+            "dice_diff_ci_high": diff["ci_high"],
+            "p_value": stats.paired_wilcoxon(a["dice"], b["dice"]),
+            "level_errors": int(np.nansum(ea)), "other_level_errors": int(np.nansum(eb)),
+            "level_errors_both": int(np.nansum(ea * eb)),
+        })  # fmt: skip
+    return out
+
+
+def against_text(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per method: `soft vs <run>: +0.006 [-0.010, +0.021], p = 0.41; ...`."""
+    return "\n".join(
+        f"{r['method']} vs {r['other_run']}: paired Δ Dice {r['dice_diff']:+.3f} "
+        f"[{r['dice_diff_ci_low']:+.3f}, {r['dice_diff_ci_high']:+.3f}], Wilcoxon p = "
+        f"{r['p_value']:.2g}; level errors {r['level_errors']} vs {r['other_level_errors']} "
+        f"of {r['n']} films ({r['level_errors_both']} in both)"
+        for r in rows
+    )
+
+
+def write_film_scores(
+    run_dir: str | Path, per_image: pd.DataFrame, results: pd.DataFrame, meta: dict[str, Any]
+) -> Path:
+    """`<run_dir>/film_scores/<split>/`: results.csv / .md / .json and per_image.csv, swapped in
+    as one set (an interrupted scoring leaves the previous set whole)."""
+    from spineseg.utils.io import staged_dir
+
+    final = Path(run_dir) / FILM_SCORES_DIR / str(meta["split"])
+    with staged_dir(final) as out:
+        write_results(out, results, per_image, meta)
+    return final

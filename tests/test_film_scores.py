@@ -1,0 +1,139 @@
+"""`spineseg-score`: what predict delivers, scored at the films' own resolution, on a tiny run
+laid out as training and ensembling write it (random-weight models, synthetic films)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_predict import make_run
+
+from spineseg.cli.score import main as cli_main
+from spineseg.data.sources import build_spec
+from spineseg.ensemble import metrics
+from spineseg.ensemble.store import PredictionStore
+from spineseg.errors import DataError, StoreError
+from spineseg.labels import region_mask, vertebra_labels
+from spineseg.predict import load_ensemble
+from spineseg.report.film_scores import against, score_films, write_film_scores
+from spineseg.report.readme_table import main as table_main
+
+SOURCE = {"source": "synthetic", "root": None, "split": None,
+          "source_kwargs": {"n": 5, "height": 96, "width": 64, "seed": 3}}  # fmt: skip
+
+
+def _with_source(run_dir: Path, spec: dict, val_ids: list[str]) -> Path:
+    """Record the data source in each manifest, as training does, and the val truth's ids."""
+    store = PredictionStore(run_dir)
+    for name in store.models():
+        manifest = store.read_manifest(name)
+        manifest["config"]["data"].update(spec)
+        store.write_manifest(name, manifest)
+    n = len(val_ids)
+    store.write_truth("val", np.zeros((n, 8, 8), np.uint8), val_ids)
+    sel_path = run_dir / "ensemble" / "selection.json"
+    sel = json.loads(sel_path.read_text())
+    sel["postprocess"] = {"soft": "spine"}
+    sel_path.write_text(json.dumps(sel))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def films():
+    return build_spec(SOURCE)
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, films):
+    run = make_run(tmp_path_factory.mktemp("score") / "run")
+    return _with_source(run, SOURCE, [s.id for s in films[1:4]])
+
+
+def test_scores_are_those_of_predicts_output_against_the_full_resolution_truth(scored_run, films):
+    per_image, results, meta = score_films(scored_run, "val", ["soft"], "cpu")
+    held = films[1:4]
+    assert meta["n_images"] == {"val": 3} and meta["postprocess"] == ["spine"]
+    assert set(per_image["method"]) == {"best_single", "soft", "soft+spine", "best_single+spine"}
+    ens = load_ensemble(scored_run, "soft", postprocess="none")
+    single = load_ensemble(scored_run, "soft", postprocess="none")
+    single.models, single.names, single.inputs, single.weights = (
+        single.models[:1],
+        ["m0"],
+        [0],
+        None,
+    )
+    for method, e in (("soft", ens), ("best_single", single)):
+        rows = per_image[per_image["method"] == method].set_index("id")
+        assert list(rows.index) == [s.id for s in held]  # the store's order
+        for s in held:
+            p = e.predict(s.image)
+            assert p.labels.shape == s.image.shape
+            truth = region_mask(s.label)[None]
+            dice = metrics.overlap_metrics(p.labels[None], truth, 2)["dice"][0]
+            axis = metrics.spine_axis(vertebra_labels(s.label)[None])
+            level = metrics.level_metrics(p.labels[None], axis)["level_error"][0]
+            assert rows.loc[s.id, "dice"] == pytest.approx(dice)
+            assert rows.loc[s.id, "level_error"] == level
+    soft = results.set_index("method").loc["soft"]
+    assert soft["n"] == 3 and soft["distance_unit"] == "mm"  # the phantoms know their spacing
+    diff = per_image.pivot(index="id", columns="method", values="dice")
+    assert soft["dice_diff_vs_best"] == pytest.approx((diff["soft"] - diff["best_single"]).mean())
+
+
+def test_the_set_is_written_whole_and_the_readme_table_reads_it(scored_run, capsys):
+    per_image, results, meta = score_films(scored_run, "val", ["soft", "max"], "cpu")
+    out = write_film_scores(scored_run, per_image, results, meta)
+    assert out == scored_run / "film_scores" / "val"
+    assert {p.name for p in out.iterdir()} == {
+        "results.csv", "results.md", "results.json", "per_image.csv"
+    }  # fmt: skip
+    assert json.loads((out / "results.json").read_text())["resolution"] == "film"
+    saved = pd.read_csv(out / "results.csv")
+    assert list(saved["method"]) == list(results["method"])
+    assert table_main([str(out), "--levels", "--hd95", "--paired"]) == 0
+    text = capsys.readouterr().out
+    assert "| soft |" in text and "| max |" in text and "val level errors" in text
+
+
+def test_the_cli_prints_the_table_and_bad_options_are_one_line(scored_run, capsys, restore_logging):
+    assert cli_main([f"run_dir={scored_run}", "split=val", "device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| best single |" in out and "film_scores" in out
+    for args, expected in (
+        (["rules=[nope]"], "nope"),
+        (["rules=soft"], "must be a list of rule names"),
+        (["batch_size=0"], "batch_size must be a whole number >= 1, got 0"),
+        (["split=train"], "split"),
+        (["split=test"], "no 'test' split; there: val"),
+    ):
+        with pytest.raises(SystemExit):
+            cli_main([f"run_dir={scored_run}", "device=cpu", *args])
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+
+
+def test_films_missing_from_the_source_are_named(tmp_path, films):
+    run = _with_source(make_run(tmp_path / "run"), SOURCE, [films[0].id, "syn-internal-9999"])
+    with pytest.raises(DataError, match=r"1 of the run's 2 val films.*'syn-internal-9999'"):
+        score_films(run, "val")
+    with pytest.raises(StoreError, match="no 'external' split"):
+        score_films(run, "external")
+
+
+def test_against_another_run_pairs_the_same_films_and_refuses_others(scored_run, films, tmp_path):
+    per_image, results, meta = score_films(scored_run, "val", ["soft"], "cpu")
+    write_film_scores(scored_run, per_image, results, meta)
+    (same,) = against(per_image, scored_run, "val", ["soft"])
+    assert same["n"] == 3 and same["dice_diff"] == 0 and same["p_value"] == 1.0
+    assert same["level_errors"] == same["other_level_errors"] == same["level_errors_both"]
+    other = _with_source(make_run(tmp_path / "other"), SOURCE, [s.id for s in films[:2]])
+    write_film_scores(other, *score_films(other, "val", ["soft"], "cpu"))
+    with pytest.raises(StoreError, match="needs the same films"):
+        against(per_image, other, "val", ["soft"])
+    with pytest.raises(StoreError, match="no 'max'; there: best_single"):
+        against(per_image, other, "val", ["max"])
+    with pytest.raises(StoreError, match="run `spineseg-score run_dir="):
+        against(per_image, tmp_path / "nowhere", "val", ["soft"])
