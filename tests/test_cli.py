@@ -89,3 +89,33 @@ def test_an_override_hydra_cannot_read_is_one_line(override, says, capsys, tmp_p
     code, _, err = _run("spineseg-study", [override], capsys)
     assert code == 1 and err.strip().count("\n") == 0, err
     assert err.startswith("error: ") and says in err
+
+
+@pytest.mark.parametrize(
+    ("sweep", "says"),
+    [
+        (["model=unet_lite0,fpn_lite0", "trainer.max_epoch=3"], "Key 'max_epoch' is not in struct"),
+        (["model=unet_lite0,nope"], "Could not find 'model/nope'; valid choices: "),
+        (["model=unet_lite0", "data.resize=stretch,sideways"], "data.resize"),
+    ],
+)
+def test_a_bad_key_or_value_anywhere_in_a_sweep_is_one_line_before_it_starts(
+    sweep, says, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run("spineseg-train", ["-m", "experiment=tiny", *sweep], capsys)
+    assert code == 1 and err.strip().count("\n") == 0, err
+    assert err.startswith("error: ") and says in err
+    assert not (tmp_path / "outputs").exists()  # no job started
+
+
+def test_sweep_probes_hold_every_swept_value_once() -> None:
+    from spineseg.cli.common import sweep_probes
+
+    probes = sweep_probes(["lr=interval(0,1)", "model=a,b,c", "seed=range(1,3)", "x=[1,2]"])
+    assert probes == [
+        ["model=a", "seed=1", "x=[1,2]"],
+        ["model=b", "seed=1", "x=[1,2]"],
+        ["model=c", "seed=1", "x=[1,2]"],
+        ["model=a", "seed=2", "x=[1,2]"],
+    ]

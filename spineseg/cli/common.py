@@ -53,8 +53,10 @@ def hydra_app(
 
     def main(argv: Sequence[str] | None = None) -> int:
         overrides = list(sys.argv[1:] if argv is None else argv)
-        if not any(a.startswith("-") for a in overrides):  # --help, --cfg: Hydra's own
-            check_overrides(config_name, overrides, config_dir)
+        plain = [a for a in overrides if a not in MULTIRUN_FLAGS]
+        if not any(a.startswith("-") for a in plain):  # --help, --cfg: Hydra's own
+            for probe in sweep_probes(plain) if len(plain) < len(overrides) else [plain]:
+                check_overrides(config_name, probe, config_dir)
         if argv is None:
             app()
             return 0
@@ -68,6 +70,41 @@ def hydra_app(
 
     main.__doc__ = usage
     return main
+
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def sweep_probes(overrides: Sequence[str]) -> list[list[str]]:
+    """A multirun's overrides as jobs that, between them, hold every swept value once: the
+    first job (`model=a,b` -> `model=a`), then each other value with the rest at their first.
+    Composing these makes a sweep's bad key or value one line before Hydra starts it, at one
+    composition per value rather than per job. What does not parse is returned as it is, for
+    `check_overrides` to name."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return [list(overrides)]
+    values: list[list[str]] = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            values.append([o.input_line])
+            continue
+        try:  # interval() is a sampler's range and glob() needs the options: no values here
+            swept = list(o.sweep_string_iterator())
+        except HydraException:
+            swept = []
+        values.append([f"{o.get_key_element()}={v}" for v in swept])
+    values = [v for v in values if v]
+    first = [v[0] for v in values]
+    return [first] + [
+        [*first[:i], other, *first[i + 1 :]]
+        for i, options in enumerate(values)
+        for other in options[1:]
+    ]
 
 
 def check_overrides(config_name: str, overrides: Sequence[str], config_dir: str = CONF_DIR) -> None:
