@@ -18,7 +18,8 @@ from monai.metrics import (
 )
 from scipy import ndimage
 
-from spineseg.ensemble.metrics import overlap_metrics, surface_metrics
+from spineseg.ensemble.metrics import overlap_metrics, overlap_scores, surface_metrics
+from spineseg.models.scores import OverlapScore
 
 
 def blobs(rng: np.random.Generator, n: int, h: int, w: int, num_classes: int = 2) -> np.ndarray:
@@ -218,3 +219,23 @@ def test_shape_and_spacing_validation():
         surface_metrics(a, a, 2, spacing=np.ones((3, 2)))
     with pytest.raises(ValueError):
         overlap_metrics(a.astype(np.float32), a, 2)
+
+
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_the_training_metric_scores_tensors_where_they_are_with_the_same_numbers(num_classes):
+    rng = np.random.default_rng(10 + num_classes)
+    pred, truth = blobs(rng, 7, 24, 20, num_classes), blobs(rng, 7, 24, 20, num_classes)
+    pred[0], truth[0] = 0, 0  # both empty: 1 by convention, on either path
+    want = overlap_metrics(pred, truth, num_classes)
+    got = overlap_scores(torch.from_numpy(pred), torch.from_numpy(truth), num_classes)
+    for key, value in got.items():
+        assert isinstance(value, torch.Tensor) and value.dtype == torch.float64
+        np.testing.assert_allclose(value.numpy(), want[key], rtol=0, atol=1e-12)
+    # On the meta device nothing can be copied to the host: the core stays on the device.
+    meta = overlap_scores(torch.from_numpy(pred).to("meta"), torch.from_numpy(truth).to("meta"),
+                          num_classes)["dice"]  # fmt: skip
+    assert meta.device.type == "meta" and meta.shape == (7,)
+    score = OverlapScore("dice", num_classes)
+    for lo in range(0, 7, 3):  # uneven batches: the mean is over images, not batches
+        score.update(torch.from_numpy(pred[lo : lo + 3]), torch.from_numpy(truth[lo : lo + 3]))
+    assert float(score.compute()) == pytest.approx(float(want["dice"].mean()), abs=1e-6)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["overlap_from_counts", "overlap_metrics", "surface_metrics"]
+__all__ = ["overlap_from_counts", "overlap_metrics", "overlap_scores", "surface_metrics"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -84,24 +84,29 @@ def _class_masks(p: np.ndarray, t: np.ndarray, num_classes: int):
         yield p == c, t == c
 
 
-def _binary_overlap(pm: np.ndarray, tm: np.ndarray) -> dict[str, np.ndarray]:
-    """Vectorised per-image counts -> the four overlap scores with the empty conventions."""
-    return overlap_from_counts(
-        np.logical_and(pm, tm).sum(axis=(1, 2), dtype=np.int64),
-        pm.sum(axis=(1, 2), dtype=np.int64),
-        tm.sum(axis=(1, 2), dtype=np.int64),
-    )
+def _binary_overlap(pm: ArrayLike, tm: ArrayLike) -> dict[str, ArrayLike]:
+    """Per-image counts -> the four overlap scores with the empty conventions (numpy or
+    torch: the sums read the same in both)."""
+    return overlap_from_counts((pm & tm).sum((1, 2)), pm.sum((1, 2)), tm.sum((1, 2)))
 
 
-def overlap_from_counts(tp: ArrayLike, ps: ArrayLike, ts: ArrayLike) -> dict[str, np.ndarray]:
+def overlap_from_counts(tp: ArrayLike, ps: ArrayLike, ts: ArrayLike) -> dict[str, ArrayLike]:
     """Per-image Dice, IoU, precision and recall from the pixel counts: true positives,
-    predicted and true foreground (each (N,)); both empty scores 1 (module docstring)."""
-    tp, ps, ts = (np.asarray(v, dtype=np.float64) for v in (tp, ps, ts))
+    predicted and true foreground (each (N,)); both empty scores 1 (module docstring).
+
+    numpy in, float64 numpy out; torch in, torch out on the counts' own device (float64,
+    float32 on MPS), so training's validation Dice never waits for a copy to the host."""
+    if isinstance(tp, torch.Tensor):
+        dtype = torch.float32 if tp.device.type == "mps" else torch.float64
+        tp, ps, ts = (torch.as_tensor(v, device=tp.device).to(dtype) for v in (tp, ps, ts))
+        where, at_least = torch.where, torch.clamp_min
+    else:
+        tp, ps, ts = (np.asarray(v, dtype=np.float64) for v in (tp, ps, ts))
+        where, at_least = np.where, np.maximum
     both_empty = (ps == 0) & (ts == 0)
 
-    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-        safe = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-        return np.where(both_empty, 1.0, safe)
+    def ratio(num: ArrayLike, den: ArrayLike) -> ArrayLike:
+        return where(both_empty, 1.0, where(den > 0, num / at_least(den, 1.0), 0.0))
 
     return {
         "dice": ratio(2 * tp, ps + ts),
@@ -111,16 +116,22 @@ def overlap_from_counts(tp: ArrayLike, ps: ArrayLike, ts: ArrayLike) -> dict[str
     }
 
 
-def overlap_metrics(pred: ArrayLike, truth: ArrayLike, num_classes: int) -> dict[str, np.ndarray]:
-    """Per-image dice/iou/precision/recall, each (N,) float64 (conventions: module docstring)."""
-    p, t = _pair(pred, truth, num_classes)
-    total = {k: np.zeros(p.shape[0]) for k in OVERLAP_KEYS}
+def overlap_scores(p: ArrayLike, t: ArrayLike, num_classes: int) -> dict[str, ArrayLike]:
+    """`overlap_metrics` without its checks and conversion: (N, H, W) labels as numpy, or
+    as torch tensors that stay where they are (the training metric's core)."""
+    total: dict[str, ArrayLike] = {}
     n_fg = 0
     for pm, tm in _class_masks(p, t, num_classes):
         for k, v in _binary_overlap(pm, tm).items():
-            total[k] += v
+            total[k] = v if k not in total else total[k] + v
         n_fg += 1
     return {k: v / n_fg for k, v in total.items()}
+
+
+def overlap_metrics(pred: ArrayLike, truth: ArrayLike, num_classes: int) -> dict[str, np.ndarray]:
+    """Per-image dice/iou/precision/recall, each (N,) float64 (conventions: module docstring)."""
+    p, t = _pair(pred, truth, num_classes)
+    return overlap_scores(p, t, num_classes)
 
 
 def _spacings(spacing: object, n: int) -> np.ndarray:

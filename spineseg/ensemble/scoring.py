@@ -80,7 +80,8 @@ def _agreement(
     for m in methods:
         got = scored[m.name]
         labels = None if got.labels is None else got.labels.reshape(truth.shape).numpy()
-        out[m.name] = MethodScore(metrics.overlap_from_counts(got.tp, got.ps, ts), labels)
+        counts = (got.tp.numpy(), got.ps.numpy(), ts.numpy())  # the scores stay numpy
+        out[m.name] = MethodScore(metrics.overlap_from_counts(*counts), labels)
     return out
 
 

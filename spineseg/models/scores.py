@@ -1,8 +1,9 @@
 """The evaluator's overlap scores as torchmetrics shells, for training's validation and test.
 
 Training monitors `val/dice` to keep its best checkpoint; with this shell around the pure
-`spineseg.ensemble.metrics.overlap_metrics` it is the very Dice (per image, then averaged;
-both-empty = 1) that selection ranks models by and the report prints.
+`spineseg.ensemble.metrics.overlap_scores` (the core of `overlap_metrics`) it is the very
+Dice (per image, then averaged; both-empty = 1) that selection ranks models by and the
+report prints.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import torch
 from torchmetrics import Metric
 
-from spineseg.ensemble.metrics import overlap_metrics
+from spineseg.ensemble.metrics import overlap_scores
 
 
 class OverlapScore(Metric):
@@ -30,11 +31,11 @@ class OverlapScore(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, pred: torch.Tensor, truth: torch.Tensor) -> None:
-        """pred, truth: (N, H, W) labels, as `overlap_metrics` takes them."""
-        values = overlap_metrics(pred.detach().cpu(), truth.detach().cpu(), self.num_classes)
-        scores = values[self.key]
-        self.total += float(scores.sum())
-        self.count += len(scores)
+        """pred, truth: (N, H, W) labels, as `overlap_metrics` takes them; scored where they
+        are (on a GPU, no copy to the host and no wait each validation batch)."""
+        scores = overlap_scores(pred.detach(), truth.detach(), self.num_classes)[self.key]
+        self.total += scores.sum().to(self.total.dtype)
+        self.count += scores.numel()
 
     def compute(self) -> torch.Tensor:
         if int(self.count) == 0:
