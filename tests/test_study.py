@@ -31,6 +31,7 @@ def study(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         "experiment=tiny",
         "data.crop={stage1:'${run_dir}/stage1'}",
         "study.stage1=['model=unet_lite0']",
+        "study.film_scores=[val]",
         f"paths.output_dir={out}",
         f"paths.cache_dir={out / 'cache'}",
         "hydra/launcher=joblib",
@@ -93,9 +94,30 @@ def test_the_cascade_trains_stage1_first_and_its_run_moves_as_one(study, tmp_pat
     assert got.labels.shape == (240, 100) and got.box is not None
 
 
+def test_the_cascade_is_scored_on_the_whole_films_and_the_report_shows_it(study):
+    """study.film_scores: predict's output, pasted back, against the full-resolution truth;
+    kept on a re-run for the same selection (the report's Table 6)."""
+    from spineseg.ensemble.store import PredictionStore
+
+    run, res = study
+    folder = run / "film_scores" / "val"
+    meta = json.loads((folder / "results.json").read_text())
+    selection = json.loads((run / "ensemble" / "selection.json").read_text())
+    assert meta["selection_set_id"] == selection["set_id"] and meta["resolution"] == "film"
+    per_image = pd.read_csv(folder / "per_image.csv")
+    ids = [str(i) for i in PredictionStore(run).truth("val").ids]
+    for method in ("best_single", "soft"):
+        assert list(per_image.loc[per_image.method == method, "id"]) == ids
+    assert per_image["dice"].between(0, 1).all()
+    report = (run / "report" / "report.md").read_text()
+    assert "Table 6. At the films' resolution" in report and "val (n = " in report
+    assert "d') val at the films' resolution" in res.stdout
+
+
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
+        (["study.film_scores=[train]"], "study.film_scores=['train'] must be a list of splits"),
         (["study.stage1=[model=unet_lite0]"], "cannot parse the override"),
         (["study.stage1=['model=unet_lite0']"], "study.stage1 is set but data.crop.stage1 is not"),
         (["study.stage1=unet", "data.crop={stage1:nowhere}"], "must be a list of overrides"),

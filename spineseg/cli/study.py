@@ -6,6 +6,7 @@
   a) augmentation off vs on, one reference model      -> <run_dir>/ablation/augment-<v>/
   b) the model sweep (Hydra multirun, any launcher)    -> <run_dir>/predictions/
   c) top-k selection on validation  d) every rule on test and external -> <run_dir>/ensemble/
+  d') `study.film_scores`: predict's output at the films' resolution -> <run_dir>/film_scores/
   e) the report                                        -> <run_dir>/report/
 
 Each step is the CLI a user would run, in a subprocess, and each skips what is already
@@ -14,6 +15,7 @@ complete, so re-running the same command after an interruption continues where i
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -26,7 +28,7 @@ from omegaconf import DictConfig, ListConfig
 import spineseg  # noqa: F401
 from spineseg.cli.common import hydra_app
 from spineseg.errors import ConfigError, SpinesegError
-from spineseg.names import ENSEMBLE_DIR, SELECTION
+from spineseg.names import ENSEMBLE_DIR, FILM_SCORES_DIR, SELECTION, STORED_SPLITS
 
 log = logging.getLogger("spineseg.study")
 
@@ -72,11 +74,43 @@ def _stage1(cfg: DictConfig, train: list[str], passthrough: list[str]) -> None:
         raise SpinesegError(f"stage 1 finished without {stage1 / SELECTION}")
 
 
+def _film_splits(cfg: DictConfig) -> list[str]:
+    """`study.film_scores`, checked before anything trains."""
+    value = cfg.study.get("film_scores") or []
+    if not isinstance(value, ListConfig | list) or any(s not in STORED_SPLITS for s in value):
+        raise ConfigError(
+            f"study.film_scores={value!r} must be a list of splits among "
+            f"{', '.join(STORED_SPLITS)}, e.g. 'study.film_scores=[val,test]'"
+        )
+    return [str(s) for s in value]
+
+
+def _film_scores(run_dir: Path, splits: list[str]) -> None:
+    """The ensemble's output at the films' resolution (`spineseg-score`), for each split the
+    store holds; a set already scored for this very selection is kept."""
+    from spineseg.ensemble.store import PredictionStore
+
+    current = json.loads((run_dir / SELECTION).read_text()).get("set_id")
+    store = PredictionStore(run_dir)
+    for split in splits:
+        done = run_dir / FILM_SCORES_DIR / split / "results.json"
+        if done.is_file() and json.loads(done.read_text()).get("selection_set_id") == current:
+            log.info("%s is scored for this selection: kept", done.parent)
+            continue
+        if not store.has_truth(split):
+            log.warning("study.film_scores: the store has no %s split; skipped", split)
+            continue
+        cmd = [sys.executable, "-m", "spineseg.cli.score", f"run_dir={run_dir}", f"split={split}"]
+        if _run(f"d') {split} at the films' resolution", cmd):
+            raise SpinesegError(f"spineseg-score failed on the {split} split of {run_dir}")
+
+
 def study(cfg: DictConfig) -> Path:
     overrides = list(HydraConfig.get().overrides.task)
     run_dir = Path(cfg.run_dir)
     train = [sys.executable, "-m", "spineseg.cli.train"]
     passthrough = [o for o in overrides if not o.startswith(("run_dir=", "model="))]
+    film_splits = _film_splits(cfg)
 
     if cfg.study.get("stage1") is not None:
         _stage1(cfg, train, passthrough)
@@ -112,6 +146,8 @@ def study(cfg: DictConfig) -> Path:
             [sys.executable, "-m", "spineseg.cli.ensemble", f"run_dir={run_dir}", *ens],
         ):
             raise SpinesegError(f"the ensemble failed on {run_dir}")
+    if film_splits and (run_dir / SELECTION).is_file():
+        _film_scores(run_dir, film_splits)
 
     from spineseg.report.report import build_report
 

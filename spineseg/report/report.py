@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import SpinesegError, StoreError
-from spineseg.names import ENSEMBLE_DIR, SELECTION
+from spineseg.names import ENSEMBLE_DIR, FILM_SCORES_DIR, SELECTION, STORED_SPLITS
 from spineseg.report import figures as figs
 from spineseg.report.tables import fmt, num, rule_rows, rules_table
 from spineseg.utils.io import atomic_open, atomic_write_text, staged_dir
@@ -56,6 +56,8 @@ class RunData:
     results_json: dict[str, Any] = field(default_factory=dict)
     ablation: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
+    #: split -> `spineseg-score`'s results (film_scores/<split>/) for this very selection
+    film_results: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- loading
@@ -199,7 +201,26 @@ def load_run(run_dir: str | Path) -> RunData:
         )
     if (run_dir / "ablation").is_dir():
         data.ablation = load_ablation(run_dir, models)
+    load_film_scores(data)
     return data
+
+
+def load_film_scores(data: RunData) -> None:
+    """`spineseg-score`'s sets of this run, where they belong to its current selection; one
+    scored before the ensemble was chosen again becomes a note, never a silent table."""
+    current = (data.selection or {}).get("set_id")
+    for split in STORED_SPLITS:
+        folder = data.run_dir / FILM_SCORES_DIR / split
+        if not (folder / "results.csv").is_file():
+            continue
+        meta = _read_json(folder / "results.json") if (folder / "results.json").is_file() else {}
+        if meta.get("selection_set_id") != current:
+            data.notes.append(
+                f"{folder} scores an earlier selection of the ensemble: run "
+                f"`spineseg-score run_dir={data.run_dir} split={split}` again."
+            )
+            continue
+        data.film_results[split] = pd.read_csv(folder / "results.csv")
 
 
 # ---------------------------------------------------------------------- tables
@@ -398,7 +419,31 @@ def _sections(data: RunData) -> list[Section]:
         for split in dict.fromkeys(table["split"]):
             part = table[table["split"] == split].drop(columns="split")
             c.tables.append((f"{split} (n = {part['n'].iloc[0]})", part.drop(columns="n")))
-    return [setup, a, failed, b, c, quality_section(data), calibration_section(data)]
+    return [
+        setup, a, failed, b, c, quality_section(data), calibration_section(data),
+        film_section(data),
+    ]  # fmt: skip
+
+
+def film_section(data: RunData) -> Section:
+    """Table 6: what predict delivers, at the films' own resolution (`spineseg-score`)."""
+    section = Section("Table 6. At the films' resolution")
+    if not data.film_results:
+        section.text.append(
+            "Not computed: `spineseg-score run_dir=<run> split=val` scores what predict "
+            "delivers against the full-resolution truth (Table 3 is at the working resolution)."
+        )
+        return section
+    section.text.append(
+        "The best single model and the voting rules as `spineseg-predict` delivers them: "
+        "mapped back onto each film and scored against its truth at full resolution, so that "
+        "runs at different working sizes, or a cascade and a whole-film run, compare."
+    )
+    for split, results in data.film_results.items():
+        unit = str(results["distance_unit"].iloc[0])
+        table = rules_table(results, unit).drop(columns="split")
+        section.tables.append((f"{split} (n = {table['n'].iloc[0]})", table.drop(columns="n")))
+    return section
 
 
 def calibration_table(splits: dict[str, dict[str, dict[str, Any]]]) -> pd.DataFrame:
