@@ -119,3 +119,15 @@ def test_sweep_probes_hold_every_swept_value_once() -> None:
         ["model=c", "seed=1", "x=[1,2]"],
         ["model=a", "seed=2", "x=[1,2]"],
     ]
+
+
+def test_a_bad_override_beside_cfg_job_or_help_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run("spineseg-train", ["trainer.max_epoch=3", "--cfg", "job"], capsys)
+    assert code == 1 and err.strip().count("\n") == 0 and "max_epoch" in err, err
+    code, out, _ = _run("spineseg-train", ["trainer.max_epochs=3", "--cfg", "job"], capsys)
+    assert code == 0 and "max_epochs: 3" in out
+    code, _, err = _run("spineseg-train", ["no_such_option=1", "--help"], capsys)
+    assert code == 1 and err.strip().count("\n") == 0 and "no_such_option" in err, err
+    code, out, _ = _run("spineseg-train", ["--help"], capsys)
+    assert code == 0 and out.startswith("usage: spineseg-train")

@@ -53,9 +53,10 @@ def hydra_app(
 
     def main(argv: Sequence[str] | None = None) -> int:
         overrides = list(sys.argv[1:] if argv is None else argv)
-        plain = [a for a in overrides if a not in MULTIRUN_FLAGS]
-        if not any(a.startswith("-") for a in plain):  # --help, --cfg: Hydra's own
-            for probe in sweep_probes(plain) if len(plain) < len(overrides) else [plain]:
+        plain = without_flags(overrides)
+        if plain is not None:  # None: --help and the like, Hydra's own
+            multirun = any(a in MULTIRUN_FLAGS for a in overrides)
+            for probe in sweep_probes(plain) if multirun else [plain]:
                 check_overrides(config_name, probe, config_dir)
         if argv is None:
             app()
@@ -73,6 +74,28 @@ def hydra_app(
 
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
+#: Hydra's flags that still compose the overrides (`--cfg job` prints the config, `--help`
+#: the options with their values), with whether each takes a value; any other flag
+#: (`--info`, `--hydra-help`, ...) skips the check.
+COMPOSING_FLAGS = {"-m": False, "--multirun": False, "-c": True, "--cfg": True,
+                   "-p": True, "--package": True, "--resolve": False,
+                   "-h": False, "--help": False}  # fmt: skip
+
+
+def without_flags(argv: Sequence[str]) -> list[str] | None:
+    """The overrides of a command line without Hydra's composing flags (and their values),
+    or None when it holds another flag, whose output is Hydra's own."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in COMPOSING_FLAGS:
+            skip = COMPOSING_FLAGS[a]
+        elif a.startswith("-"):
+            return None
+        else:
+            out.append(a)
+    return out
 
 
 def sweep_probes(overrides: Sequence[str]) -> list[list[str]]:
