@@ -415,10 +415,7 @@ def _sections(data: RunData) -> list[Section]:
             "Δ is the relative Dice change over the best single model (chosen on validation); "
             "p is the paired Wilcoxon signed-rank test against it."
         )
-        table = rules_table(data.results, unit)
-        for split in dict.fromkeys(table["split"]):
-            part = table[table["split"] == split].drop(columns="split")
-            c.tables.append((f"{split} (n = {part['n'].iloc[0]})", part.drop(columns="n")))
+        c.tables += split_tables(rules_table(data.results, unit))
     return [
         setup, a, failed, b, c, quality_section(data), calibration_section(data),
         film_section(data),
@@ -439,11 +436,18 @@ def film_section(data: RunData) -> Section:
         "mapped back onto each film and scored against its truth at full resolution, so that "
         "runs at different working sizes, or a cascade and a whole-film run, compare."
     )
-    for split, results in data.film_results.items():
-        unit = str(results["distance_unit"].iloc[0])
-        table = rules_table(results, unit).drop(columns="split")
-        section.tables.append((f"{split} (n = {table['n'].iloc[0]})", table.drop(columns="n")))
+    for results in data.film_results.values():
+        section.tables += split_tables(rules_table(results, str(results["distance_unit"].iloc[0])))
     return section
+
+
+def split_tables(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """A rules table as one captioned table per split, `<split> (n = N)`."""
+    out = []
+    for split in dict.fromkeys(table["split"]):
+        part = table[table["split"] == split].drop(columns="split")
+        out.append((f"{split} (n = {part['n'].iloc[0]})", part.drop(columns="n")))
+    return out
 
 
 def calibration_table(splits: dict[str, dict[str, dict[str, Any]]]) -> pd.DataFrame:
