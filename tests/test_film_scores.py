@@ -52,11 +52,20 @@ def scored_run(tmp_path_factory, films):
     return _with_source(run, SOURCE, [s.id for s in films[1:4]])
 
 
-def test_scores_are_those_of_predicts_output_against_the_full_resolution_truth(scored_run, films):
-    per_image, results, meta = score_films(scored_run, "val", ["soft"], "cpu")
+@pytest.fixture(scope="module")
+def scored(scored_run):
+    return score_films(scored_run, "val", ["soft", "max"], "cpu")
+
+
+def test_scores_are_those_of_predicts_output_against_the_full_resolution_truth(
+    scored_run, scored, films
+):
+    per_image, results, meta = scored
     held = films[1:4]
     assert meta["n_images"] == {"val": 3} and meta["postprocess"] == ["spine"]
-    assert set(per_image["method"]) == {"best_single", "soft", "soft+spine", "best_single+spine"}
+    assert set(per_image["method"]) == {
+        "best_single", "soft", "max", "soft+spine", "max+spine", "best_single+spine"
+    }  # fmt: skip
     ens = load_ensemble(scored_run, "soft", postprocess="none")
     single = load_ensemble(scored_run, "soft", postprocess="none")
     single.models, single.names, single.inputs, single.weights = (
@@ -83,8 +92,8 @@ def test_scores_are_those_of_predicts_output_against_the_full_resolution_truth(s
     assert soft["dice_diff_vs_best"] == pytest.approx((diff["soft"] - diff["best_single"]).mean())
 
 
-def test_the_set_is_written_whole_and_the_readme_table_reads_it(scored_run, capsys):
-    per_image, results, meta = score_films(scored_run, "val", ["soft", "max"], "cpu")
+def test_the_set_is_written_whole_and_the_readme_table_reads_it(scored_run, scored, capsys):
+    per_image, results, meta = scored
     out = write_film_scores(scored_run, per_image, results, meta)
     assert out == scored_run / "film_scores" / "val"
     assert {p.name for p in out.iterdir()} == {
@@ -123,8 +132,10 @@ def test_films_missing_from_the_source_are_named(tmp_path, films):
         score_films(run, "external")
 
 
-def test_against_another_run_pairs_the_same_films_and_refuses_others(scored_run, films, tmp_path):
-    per_image, results, meta = score_films(scored_run, "val", ["soft"], "cpu")
+def test_against_another_run_pairs_the_same_films_and_refuses_others(
+    scored_run, scored, films, tmp_path
+):
+    per_image, results, meta = scored
     write_film_scores(scored_run, per_image, results, meta)
     (same,) = against(per_image, scored_run, "val", ["soft"])
     assert same["n"] == 3 and same["dice_diff"] == 0 and same["p_value"] == 1.0
@@ -137,3 +148,24 @@ def test_against_another_run_pairs_the_same_films_and_refuses_others(scored_run,
         against(per_image, other, "val", ["max"])
     with pytest.raises(StoreError, match="run `spineseg-score run_dir="):
         against(per_image, tmp_path / "nowhere", "val", ["soft"])
+
+
+def test_vertebrae_runs_and_the_external_split_are_scored_from_their_own_source(tmp_path, films):
+    """Four classes against Th8..Th11 at full resolution; `external` films come from
+    data.external, the internal source's films never stand in for them."""
+    external = {"source": "synthetic", "root": None, "split": None,
+                "source_kwargs": {"n": 2, "domain": "external", "height": 96, "width": 64}}  # fmt: skip
+    run = make_run(tmp_path / "run", target="vertebrae")
+    _with_source(run, {**SOURCE, "external": external}, [films[0].id])
+    others = build_spec(external)
+    truth = np.zeros((2, 8, 8), np.uint8)
+    PredictionStore(run).write_truth("external", truth, [s.id for s in others])
+    per_image, results, _ = score_films(run, "external", ["soft"], "cpu")
+    ens = load_ensemble(run, "soft", postprocess="none")
+    soft = per_image[per_image["method"] == "soft"].set_index("id")
+    assert list(soft.index) == [s.id for s in others]
+    for s in others:
+        labels = ens.predict(s.image).labels
+        want = metrics.overlap_metrics(labels[None], vertebra_labels(s.label)[None], 5)["dice"][0]
+        assert soft.loc[s.id, "dice"] == pytest.approx(want)
+    assert set(results["split"]) == {"external"}

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -25,7 +22,6 @@ from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import ConfigError, StoreError
 from spineseg.predict import load_ensemble
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = ("m0", "m1")
 
 
@@ -89,20 +85,6 @@ def film(h: int, w: int, dtype=np.uint8, seed: int = 0) -> np.ndarray:
     base = np.exp(-(((yy - h / 2) / (h / 4)) ** 2 + ((xx - w / 2) / (w / 4)) ** 2))
     peak = np.iinfo(dtype).max
     return np.clip(base * peak * 0.8 + rng.normal(0, peak * 0.05, (h, w)), 0, peak).astype(dtype)
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "spineseg.cli.predict", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_prediction_at_original_size_matches_fused_probability(run_dir):
@@ -217,7 +199,7 @@ def test_cli_a_film_failing_in_the_pipeline_is_skipped_not_fatal(
 
 
 @pytest.mark.parametrize("case", ["no_run_dir", "no_selection", "bad_key"])
-def test_cli_errors_are_one_line(tmp_path, case):
+def test_cli_errors_are_one_line(tmp_path, case, capsys, restore_logging):
     image = tmp_path / "x.png"
     cv2.imwrite(str(image), film(40, 30))
     args = {
@@ -225,10 +207,12 @@ def test_cli_errors_are_one_line(tmp_path, case):
         "no_selection": [f"run_dir={tmp_path}"],
         "bad_key": [f"run_dir={tmp_path}", "rulez=soft"],
     }[case]
-    proc = _cli(*args, f"input={image}", f"output={tmp_path / 'out'}")
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*args, f"input={image}", f"output={tmp_path / 'out'}"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
 
 
 def test_predict_uses_the_post_processing_chosen_on_validation(tmp_path):
