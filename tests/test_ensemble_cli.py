@@ -78,3 +78,15 @@ def test_cli_bad_option_is_one_line(tmp_path, capsys, restore_logging):
                             capsys=capsys)  # fmt: skip
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: unknown voting rule 'mean'")
+
+
+def test_a_cascade_is_told_where_its_whole_film_scores_come_from(tmp_path, capsys, restore_logging):
+    from spineseg.cli.ensemble import main
+
+    run = tmp_path / "run"
+    make_store(run, models=("m0", "m1"), sizes={"val": 3, "test": 3})
+    (run / "crops.csv").write_text("id,split,source\n")  # what a cascade's stage 2 records
+    args = ["ensemble.n_boot=20", "ensemble.figures=false", "ensemble.splits=[test]"]
+    assert main([f"run_dir={run}", *args]) == 0
+    out = capsys.readouterr().out
+    assert "these scores are inside each film's crop; `spineseg-score run_dir=" in out

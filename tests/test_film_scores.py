@@ -169,3 +169,23 @@ def test_vertebrae_runs_and_the_external_split_are_scored_from_their_own_source(
         want = metrics.overlap_metrics(labels[None], vertebra_labels(s.label)[None], 5)["dice"][0]
         assert soft.loc[s.id, "dice"] == pytest.approx(want)
     assert set(results["split"]) == {"external"}
+
+
+def test_films_that_moved_are_read_where_data_root_says(tmp_path, films):
+    """A folder dataset moved after training: named in one line, then scored from data_root."""
+    import cv2
+
+    old, new = tmp_path / "data", tmp_path / "moved"
+    (old / "images").mkdir(parents=True)
+    (old / "masks").mkdir()
+    for s in films[:3]:
+        cv2.imwrite(str(old / "images" / f"{s.id}.png"), s.image)
+        cv2.imwrite(str(old / "masks" / f"{s.id}.png"), region_mask(s.label) * 255)
+    spec = {"source": "folder", "root": str(old), "split": None, "source_kwargs": {}}
+    ids = [s.id for s in films[:2]]
+    run = _with_source(make_run(tmp_path / "run"), spec, ids)
+    old.rename(new)
+    with pytest.raises(DataError, match=str(old)):
+        score_films(run, "val")
+    per_image, _, _ = score_films(run, "val", data_root=str(new))
+    assert list(per_image.loc[per_image["method"] == "soft", "id"]) == ids
