@@ -189,3 +189,17 @@ def test_films_that_moved_are_read_where_data_root_says(tmp_path, films):
         score_films(run, "val")
     per_image, _, _ = score_films(run, "val", data_root=str(new))
     assert list(per_image.loc[per_image["method"] == "soft", "id"]) == ids
+
+
+def test_the_best_single_model_is_scored_at_the_threshold_selection_recorded(tmp_path, films):
+    run = _with_source(make_run(tmp_path / "run"), SOURCE, [s.id for s in films[:2]])
+    path = run / "ensemble" / "selection.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_threshold": 0.3}))
+    per_image, results, _ = score_films(run, "val", ["soft"], "cpu")
+    member = load_ensemble(run, "soft", postprocess="none").member("m0", 0.3)
+    best = per_image[per_image["method"] == "best_single"].set_index("id")
+    for s in films[:2]:
+        labels = member.predict(s.image).labels
+        want = metrics.overlap_metrics(labels[None], region_mask(s.label)[None], 2)["dice"][0]
+        assert best.loc[s.id, "dice"] == pytest.approx(want)
+    assert results.set_index("method").loc["best_single", "threshold"] == 0.3

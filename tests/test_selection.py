@@ -74,6 +74,10 @@ def test_top_k_ranks_by_validation_dice(tmp_path):
     assert scores["good"] > scores["mid"] > scores["bad"]
     sel = select_models(view, None, k=2)
     assert sel.models == ["good", "mid"] and sel.best_single == "good"
+    assert (
+        sel.model_threshold == 0.5
+        and select_models(view, None, threshold=0.3).model_threshold == 0.3
+    )
     assert sel.n_val == 4 and sel.k == 2 and sel.method == "top_k"
     assert np.isclose(sum(sel.weights), 1.0)
     expected = np.array([scores["good"], scores["mid"]])

@@ -85,6 +85,8 @@ class Selection:
     #: the test-time augmentation used (chosen on validation), and each variant's val Dice
     tta: str = "none"
     tta_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: the threshold each model (and best_single) was scored at (`ensemble.threshold`)
+    model_threshold: float = 0.5
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -289,6 +291,7 @@ def select_models(
         multiplicities=multiplicities,
         greedy_trace=trace,
         threshold_scores=table,
+        model_threshold=float(threshold),
     )
 
 

@@ -168,8 +168,9 @@ def score_films(
             "%s: %d %s films in %.0f s", method, len(samples), split, time.perf_counter() - start
         )
 
+    model_threshold = float(selection.get("model_threshold", DEFAULTS["threshold"]))
     first = load_ensemble(run_dir, rules[0], device, postprocess="none")
-    run(BEST, first.member(str(selection["best_single"]), float(DEFAULTS["threshold"])))
+    run(BEST, first.member(str(selection["best_single"]), model_threshold))
     for rule in rules:
         ensemble = first if rule == rules[0] else load_ensemble(run_dir, rule, device, "none")
         run(rule, ensemble)
@@ -180,7 +181,7 @@ def score_films(
         rules=list(rules),
         thresholds={r: float((selection.get("thresholds") or {}).get(r, 0.5)) for r in rules},
         best_single=str(selection["best_single"]),
-        threshold=float(DEFAULTS["threshold"]),
+        threshold=model_threshold,
     )
     unit = {split: "mm" if known else "px"}
     results = summarize_results(
