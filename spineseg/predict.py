@@ -97,7 +97,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A run's JSON file (`what` names it in the error) as a dict, or one StoreError line."""
     try:
         data = json.loads(path.read_text())
     except OSError as err:
@@ -333,7 +334,7 @@ def load_ensemble(
         raise StoreError(
             f"{sel_path} does not exist: run `spineseg-ensemble run_dir={run_dir}` first"
         )
-    selection = _read_json(sel_path, "selection")
+    selection = read_json_object(sel_path, "selection")
     names = selection.get("models")
     if not isinstance(names, list) or not names:
         raise StoreError(f"{sel_path}: no selected models")
@@ -353,7 +354,7 @@ def load_ensemble(
         man_path = run_dir / "predictions" / str(name) / "manifest.json"
         if not man_path.is_file():
             raise StoreError(f"{man_path} does not exist: selected model {name!r} has no manifest")
-        manifest = _read_json(man_path, "manifest")
+        manifest = read_json_object(man_path, "manifest")
         if manifest.get("status") != "complete":
             raise StoreError(f"{man_path}: model {name!r} is {manifest.get('status')!r}")
         pipelines.append(Pipeline.from_config(manifest.get("config") or {}, man_path))
@@ -401,7 +402,7 @@ def read_temperature(run_dir: Path, rule: str) -> float | None:
     path = run_dir / CALIBRATION
     if not path.is_file():
         return None
-    value = (_read_json(path, "calibration").get("temperatures") or {}).get(rule)
+    value = (read_json_object(path, "calibration").get("temperatures") or {}).get(rule)
     return None if value is None else float(value)
 
 
@@ -410,5 +411,5 @@ def read_limits(run_dir: Path, rule: str) -> Limits | None:
     path = run_dir / QUALITY
     if not path.is_file():
         return None
-    limits = (_read_json(path, "quality flags").get("limits") or {}).get(rule)
+    limits = (read_json_object(path, "quality flags").get("limits") or {}).get(rule)
     return None if limits is None else Limits.from_json(limits)

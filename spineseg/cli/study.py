@@ -28,7 +28,7 @@ from omegaconf import DictConfig, ListConfig
 import spineseg  # noqa: F401
 from spineseg.cli.common import hydra_app
 from spineseg.errors import ConfigError, SpinesegError
-from spineseg.names import ENSEMBLE_DIR, FILM_SCORES_DIR, SELECTION, STORED_SPLITS
+from spineseg.names import ENSEMBLE_DIR, SELECTION, STORED_SPLITS
 
 log = logging.getLogger("spineseg.study")
 
@@ -89,13 +89,13 @@ def _film_scores(run_dir: Path, splits: list[str]) -> None:
     """The ensemble's output at the films' resolution (`spineseg-score`), for each split the
     store holds; a set already scored for this very selection is kept."""
     from spineseg.ensemble.store import PredictionStore
+    from spineseg.report.film_scores import film_scores_dir, scored_for
 
     current = json.loads((run_dir / SELECTION).read_text()).get("set_id")
     store = PredictionStore(run_dir)
     for split in splits:
-        done = run_dir / FILM_SCORES_DIR / split / "results.json"
-        if done.is_file() and json.loads(done.read_text()).get("selection_set_id") == current:
-            log.info("%s is scored for this selection: kept", done.parent)
+        if scored_for(run_dir, split, current):
+            log.info("%s is scored for this selection: kept", film_scores_dir(run_dir, split))
             continue
         if not store.has_truth(split):
             log.warning("study.film_scores: the store has no %s split; skipped", split)

@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +49,21 @@ from spineseg.report.outputs import write_results
 log = logging.getLogger(__name__)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"{path} does not exist: {what}") from None
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{path}: unreadable ({err})") from None
+def _read_json(path: Path, what: str, missing: str) -> dict[str, Any]:
+    """`predict.read_json_object`, saying what to do where the file is not there yet."""
+    from spineseg.predict import read_json_object
+
+    if not path.is_file():
+        raise StoreError(f"{path} does not exist: {missing}")
+    return read_json_object(path, what)
 
 
 def run_data(run_dir: Path, selection: dict[str, Any]) -> dict[str, Any]:
     """The selected models' `data` config, as training recorded it in the manifest."""
     name = selection["models"][0]
     path = run_dir / "predictions" / str(name) / "manifest.json"
-    data = (_read_json(path, f"selected model {name!r} has no manifest").get("config") or {}).get(
-        "data"
-    )
+    manifest = _read_json(path, "manifest", f"selected model {name!r} has no manifest")
+    data = (manifest.get("config") or {}).get("data")
     if not isinstance(data, dict):
         raise StoreError(f"{path}: no config.data recorded")
     return data
@@ -81,7 +81,9 @@ def held_out_films(
     run_dir = Path(run_dir)
     if split not in STORED_SPLITS:
         raise ConfigError(choices_message("split", split, list(STORED_SPLITS)))
-    selection = _read_json(run_dir / SELECTION, f"run `spineseg-ensemble run_dir={run_dir}` first")
+    selection = _read_json(
+        run_dir / SELECTION, "selection", f"run `spineseg-ensemble run_dir={run_dir}` first"
+    )
     store = PredictionStore(run_dir)
     if not store.has_truth(split):
         there = [s for s in STORED_SPLITS if store.has_truth(s)]
@@ -104,23 +106,35 @@ def held_out_films(
     return [found[i] for i in ids], selection
 
 
-def film_metrics(
-    labels: np.ndarray, sample: Sample, target: str, spacing: Sequence[float] | None
-) -> dict[str, float]:
-    """One film's per-image metrics (the evaluator's columns), at its own resolution."""
-    truth = target_masks(sample.label[None], np.array([sample.binary_label]), target)
-    pred = labels[None]
-    num_classes = max(2, CHANNELS[target])  # as the store's: region 2, vertebrae 5
-    out = {k: float(v[0]) for k, v in metrics.overlap_metrics(pred, truth, num_classes).items()}
+@dataclass(frozen=True)
+class FilmTruth:
+    """One film's truth at its own resolution, drawn once for every method scored on it."""
+
+    masks: np.ndarray  # (1, H, W) what the ensemble delivers: region, or Th8..Th11 as 1..4
+    axis: dict[str, np.ndarray] | None  # the spine's axis (level metrics); None: binary mask
+    spacing: np.ndarray | None  # (1, 2) mm, or None: distances in pixels
+    num_classes: int  # as the store's: region 2, vertebrae 5
+
+
+def film_truth(sample: Sample, target: str, spacing: Sequence[float] | None) -> FilmTruth:
     sp = None if spacing is None else np.asarray([spacing], dtype=np.float64)
-    out.update(
-        {k: float(v[0]) for k, v in metrics.surface_metrics(pred, truth, num_classes, sp).items()}
+    masks = target_masks(sample.label[None], np.array([sample.binary_label]), target)
+    axis = (
+        None if sample.binary_label else metrics.spine_axis(vertebra_labels(sample.label)[None], sp)
     )
-    if sample.binary_label:
-        out.update({k: float("nan") for k in metrics.LEVEL_KEYS})
+    return FilmTruth(masks, axis, sp, max(2, CHANNELS[target]))
+
+
+def film_metrics(labels: np.ndarray, truth: FilmTruth) -> dict[str, float]:
+    """One film's per-image metrics (the evaluator's columns), at its own resolution."""
+    pred, k = labels[None], truth.num_classes
+    out = {key: float(v[0]) for key, v in metrics.overlap_metrics(pred, truth.masks, k).items()}
+    surface = metrics.surface_metrics(pred, truth.masks, k, truth.spacing)
+    out.update({key: float(v[0]) for key, v in surface.items()})
+    if truth.axis is None:
+        out.update({key: float("nan") for key in metrics.LEVEL_KEYS})
     else:
-        axis = metrics.spine_axis(vertebra_labels(sample.label)[None], sp)
-        out.update({k: float(v[0]) for k, v in metrics.level_metrics(pred, axis).items()})
+        out.update({key: float(v[0]) for key, v in metrics.level_metrics(pred, truth.axis).items()})
     return out
 
 
@@ -152,13 +166,13 @@ def score_films(
         start = time.perf_counter()
         for lo in range(0, len(samples), batch_size):
             part = samples[lo : lo + batch_size]
-            for s, sp, p in zip(
-                part, spacings[lo : lo + batch_size], ensemble.predict_batch([x.image for x in part]),
+            for s, truth, p in zip(
+                part, truths[lo : lo + batch_size], ensemble.predict_batch([x.image for x in part]),
                 strict=True,
             ):  # fmt: skip
                 for name in ("none", *posts):
                     labels = p.labels if name == "none" else post.apply(name, p.labels)
-                    row = film_metrics(labels, s, ensemble.target, sp)
+                    row = film_metrics(labels, truth)
                     cols["split"].append(split)
                     cols["method"].append(post_method(method, name))
                     cols["id"].append(s.id)
@@ -170,6 +184,8 @@ def score_films(
 
     model_threshold = float(selection.get("model_threshold", DEFAULTS["threshold"]))
     first = load_ensemble(run_dir, rules[0], device, postprocess="none")
+    # every method delivers the same target, so each film's truth is drawn once
+    truths = [film_truth(s, first.target, sp) for s, sp in zip(samples, spacings, strict=True)]
     run(BEST, first.member(str(selection["best_single"]), model_threshold))
     for rule in rules:
         ensemble = first if rule == rules[0] else load_ensemble(run_dir, rule, device, "none")
@@ -207,7 +223,7 @@ def against(
     At the films' resolution two runs compare whatever their working sizes or crops."""
     from spineseg.ensemble import stats
 
-    path = Path(other_run) / FILM_SCORES_DIR / split / "per_image.csv"
+    path = film_scores_dir(other_run, split) / "per_image.csv"
     if not path.is_file():
         raise StoreError(f"{path} does not exist: run `spineseg-score run_dir={other_run}` first")
     theirs = pd.read_csv(path)
@@ -250,6 +266,22 @@ def against_text(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def film_scores_dir(run_dir: str | Path, split: str) -> Path:
+    return Path(run_dir) / FILM_SCORES_DIR / split
+
+
+def scored_for(run_dir: str | Path, split: str, selection_set_id: str | None) -> bool:
+    """Whether `film_scores/<split>/` holds a whole set scored for this very selection (a
+    rerun of the ensemble makes it stale)."""
+    path = film_scores_dir(run_dir, split) / "results.json"
+    if not path.is_file() or not (path.parent / "results.csv").is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("selection_set_id") == selection_set_id
+    except (OSError, ValueError):
+        return False
+
+
 def write_film_scores(
     run_dir: str | Path, per_image: pd.DataFrame, results: pd.DataFrame, meta: dict[str, Any]
 ) -> Path:
@@ -257,7 +289,7 @@ def write_film_scores(
     as one set (an interrupted scoring leaves the previous set whole)."""
     from spineseg.utils.io import staged_dir
 
-    final = Path(run_dir) / FILM_SCORES_DIR / str(meta["split"])
+    final = film_scores_dir(run_dir, str(meta["split"]))
     with staged_dir(final) as out:
         write_results(out, results, per_image, meta)
     return final

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import SpinesegError, StoreError
-from spineseg.names import ENSEMBLE_DIR, FILM_SCORES_DIR, SELECTION, STORED_SPLITS
+from spineseg.names import ENSEMBLE_DIR, SELECTION, STORED_SPLITS
 from spineseg.report import figures as figs
 from spineseg.report.tables import fmt, num, rule_rows, rules_table
 from spineseg.utils.io import atomic_open, atomic_write_text, staged_dir
@@ -208,13 +208,14 @@ def load_run(run_dir: str | Path) -> RunData:
 def load_film_scores(data: RunData) -> None:
     """`spineseg-score`'s sets of this run, where they belong to its current selection; one
     scored before the ensemble was chosen again becomes a note, never a silent table."""
+    from spineseg.report.film_scores import film_scores_dir, scored_for
+
     current = (data.selection or {}).get("set_id")
     for split in STORED_SPLITS:
-        folder = data.run_dir / FILM_SCORES_DIR / split
+        folder = film_scores_dir(data.run_dir, split)
         if not (folder / "results.csv").is_file():
             continue
-        meta = _read_json(folder / "results.json") if (folder / "results.json").is_file() else {}
-        if meta.get("selection_set_id") != current:
+        if not scored_for(data.run_dir, split, current):
             data.notes.append(
                 f"{folder} scores an earlier selection of the ensemble: run "
                 f"`spineseg-score run_dir={data.run_dir} split={split}` again."
