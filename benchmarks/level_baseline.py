@@ -1,0 +1,84 @@
+"""What a model has to beat on level: an atlas that never looks at the film.
+
+The atlas is the mean of the training films' region masks at the working resolution,
+thresholded where it scores best on those same training films, and it is placed unchanged
+on every held-out film. Its Dice and
+level-error rate (the metric of `spineseg.ensemble.metrics.level_metrics`) say how much of
+a model's score the films' framing alone explains: on AASCE, where every film runs from
+about T1 to the sacrum, the Th8..Th11 region sits at nearly the same height on every film.
+
+    uv run python benchmarks/level_baseline.py data=aasce data.root=/path/to/boostnet_labeldata \
+        'data.image_size=[384,160]' [--split val]
+
+Any `spineseg-train` data override composes the dataset; the split is the run's own
+(70/10/20 by patient, `data.split_seed`), so the numbers line up with a run's results.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+from common import machine
+from hydra.errors import HydraException
+from scipy import ndimage
+
+from spineseg.config import build
+from spineseg.ensemble.metrics import level_metrics, overlap_metrics, spine_axis
+from spineseg.ensemble.stats import proportion_ci, summarize
+from spineseg.errors import SpinesegError
+from spineseg.names import STORED_SPLITS
+
+#: Where the mean mask is cut, chosen on the training films only.
+THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
+
+
+def _dice(atlas: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    return overlap_metrics(np.broadcast_to(atlas.astype(np.uint8), masks.shape), masks, 2)["dice"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="*", help="spineseg-train data overrides")
+    ap.add_argument("--split", default="val", choices=[s for s in STORED_SPLITS if s != "external"])
+    args = ap.parse_args()
+    try:
+        dm = build("data", args.overrides, run_dir=None)
+        dm.setup()
+    except (HydraException, SpinesegError) as err:
+        sys.exit(f"error: {str(err).splitlines()[0]}")
+    train, held = dm.parts["train"], dm.parts[args.split]
+    masks = train.masks("region")
+    mean = masks.astype(np.float32).mean(0)
+    best = max(THRESHOLDS, key=lambda t: np.nanmean(_dice(mean >= t, masks)))
+    atlas = (mean >= best).astype(np.uint8)
+    pred = np.broadcast_to(atlas, held.labels.shape)
+    truth = held.masks("region")
+    axis = spine_axis(held.vertebrae(), held.spacing)
+    levels = level_metrics(pred, axis)
+    dice = summarize(overlap_metrics(pred, truth, 2)["dice"])
+    rate = proportion_ci(levels["level_error"])
+    # the region's centroid alone at the training films' median position
+    where = np.median([ndimage.center_of_mass(m) for m in masks], axis=0)
+    centres = np.array([ndimage.center_of_mass(m) for m in truth])
+    offset = np.einsum("ij,ij->i", (where - centres) * axis["scale"], axis["unit"]) / axis["pitch"]
+    median = proportion_ci(np.where(np.isfinite(offset), np.abs(offset) > 0.5, np.nan))
+    print(f"# {machine()}")
+    print(
+        f"atlas of {len(train.ids)} training films, cut at {best:.2f}; {args.split} split "
+        f"({rate['n']} films):"
+    )
+    print(f"  Dice {dice['mean']:.3f} [{dice['ci_low']:.3f}, {dice['ci_high']:.3f}]")
+    print(
+        f"  level errors {100 * rate['rate']:.1f}% [{100 * rate['ci_low']:.1f}, "
+        f"{100 * rate['ci_high']:.1f}] ({round(rate['rate'] * rate['n'])} films)"
+    )
+    print(
+        f"centroid at the training films' median position: level errors "
+        f"{100 * median['rate']:.1f}% [{100 * median['ci_low']:.1f}, {100 * median['ci_high']:.1f}]"
+    )
+
+
+if __name__ == "__main__":
+    main()
