@@ -53,13 +53,18 @@ class Interrupted(BaseException):
 
 def raise_on_signals() -> None:
     """SIGTERM and SIGINT raise `Interrupted` in the main thread (Lightning keeps calling
-    this handler after its own during fit)."""
+    this handler after its own during fit). Both are unblocked too: a blocked signal mask is
+    inherited through fork and exec, and a parent that blocked them (a launcher, a test
+    runner's thread) would otherwise leave the scheduler's SIGTERM pending until the job
+    ends, so a pre-empted run would finish as if nothing had happened."""
 
     def handler(signum: int, _frame: object) -> None:
         raise Interrupted(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 def os_error_line(err: OSError, where: str | Path) -> str:
