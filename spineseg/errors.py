@@ -54,9 +54,9 @@ class Interrupted(BaseException):
 def raise_on_signals() -> None:
     """SIGTERM and SIGINT raise `Interrupted` in the main thread (Lightning keeps calling
     this handler after its own during fit). Both are unblocked too: a blocked signal mask is
-    inherited through fork and exec, and a parent that blocked them (a launcher, a test
-    runner's thread) would otherwise leave the scheduler's SIGTERM pending until the job
-    ends, so a pre-empted run would finish as if nothing had happened."""
+    inherited through fork and exec, and a parent that had blocked them would leave the
+    scheduler's SIGTERM pending until the job ends, so a pre-empted run would finish as if
+    it had never been signalled."""
 
     def handler(signum: int, _frame: object) -> None:
         raise Interrupted(signum)
