@@ -145,6 +145,35 @@ def _start(tmp_path: Path, *overrides: str, prelude: str = "") -> subprocess.Pop
     )  # fmt: skip
 
 
+def test_lightnings_own_sigterm_exit_is_an_interruption_too(
+    tmp_path: Path, monkeypatch, capsys, restore_logging
+) -> None:
+    """Lightning's loops end a fit on SIGTERM with `SIGTERMException`, a SystemExit without a
+    code: uncaught, a pre-empted job would exit 0 as if it had finished."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import spineseg.train
+    from spineseg.cli.train import main
+
+    def pre_empted(cfg):
+        raise SIGTERMException()
+
+    monkeypatch.setattr(spineseg.train, "train", pre_empted)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main([*TINY, "name=faults", f"paths.output_dir={tmp_path / 'out'}"])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert exit_.value.code == 143
+    assert "interrupted by SIGTERM" in capsys.readouterr().err.strip().splitlines()[-1]
+    store = tmp_path / "out" / "faults" / "default" / "predictions" / "unet_lite0"
+    assert json.loads((store / "manifest.json").read_text())["status"] == "interrupted"
+
+
 def test_sigterm_marks_interrupted_exits_143_and_the_rerun_resumes(tmp_path: Path) -> None:
     import signal
     import time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from hydra.core.hydra_config import HydraConfig
@@ -36,6 +37,7 @@ def _in_sweep() -> bool:
 def _train(cfg: DictConfig) -> float | None:
     """One model; the validation Dice is the job's return value (for sweepers that tune)."""
     import lightning  # noqa: F401  (its import adds the handlers removed below)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from spineseg.train import record_failure, train
 
@@ -47,7 +49,10 @@ def _train(cfg: DictConfig) -> float | None:
     raise_on_signals()
     try:
         manifest = train(cfg)
-    except Interrupted as stop:
+    except (Interrupted, SIGTERMException) as caught:
+        # Lightning's own SIGTERM path raises a SystemExit with no code, which would end a
+        # pre-empted job with status 0 as if it had finished: it is an interruption too.
+        stop = caught if isinstance(caught, Interrupted) else Interrupted(signal.SIGTERM)
         # SLURM's pre-emption or Ctrl-C: the model is marked, the scheduler sees a non-zero
         # exit, and the same command resumes from the last good checkpoint.
         record_failure(cfg, stop, status="interrupted")
