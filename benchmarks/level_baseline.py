@@ -2,10 +2,10 @@
 
 The atlas is the mean of the training films' region masks at the working resolution,
 thresholded where it scores best on those same training films, and it is placed unchanged
-on every held-out film. Its Dice and
-level-error rate (the metric of `spineseg.ensemble.metrics.level_metrics`) say how much of
-a model's score the films' framing alone explains: on AASCE, where every film runs from
-about T1 to the sacrum, the Th8..Th11 region sits at nearly the same height on every film.
+on every held-out film. Its Dice and level-error rate (the metric of
+`spineseg.ensemble.metrics.level_metrics`) say how much of a model's score the films'
+framing alone explains: on AASCE, where every film runs from about T1 to the sacrum, the
+Th8..Th11 region sits at nearly the same height on every film.
 
     uv run python benchmarks/level_baseline.py data=aasce data.root=/path/to/boostnet_labeldata \
         'data.image_size=[384,160]' [--split val]
@@ -25,7 +25,12 @@ from hydra.errors import HydraException
 from scipy import ndimage
 
 from spineseg.config import build
-from spineseg.ensemble.metrics import level_metrics, overlap_metrics, spine_axis
+from spineseg.ensemble.metrics import (
+    LEVEL_ERROR_PITCHES,
+    level_metrics,
+    overlap_metrics,
+    spine_axis,
+)
 from spineseg.ensemble.stats import proportion_ci, summarize
 from spineseg.errors import SpinesegError
 from spineseg.names import STORED_SPLITS
@@ -59,11 +64,14 @@ def main() -> None:
     levels = level_metrics(pred, axis)
     dice = summarize(overlap_metrics(pred, truth, 2)["dice"])
     rate = proportion_ci(levels["level_error"])
-    # the region's centroid alone at the training films' median position
-    where = np.median([ndimage.center_of_mass(m) for m in masks], axis=0)
-    centres = np.array([ndimage.center_of_mass(m) for m in truth])
-    offset = np.einsum("ij,ij->i", (where - centres) * axis["scale"], axis["unit"]) / axis["pitch"]
-    median = proportion_ci(np.where(np.isfinite(offset), np.abs(offset) > 0.5, np.nan))
+    # the region's centroid alone at the training films' median position, measured as
+    # level_metrics measures a prediction's centroid against the truth's
+    where = np.nanmedian([ndimage.center_of_mass(m) for m in masks], axis=0)
+    offset = np.einsum("ij,ij->i", where * axis["scale"] - axis["centre"], axis["unit"])
+    offset /= axis["pitch"]
+    median = proportion_ci(
+        np.where(np.isfinite(offset), np.abs(offset) > LEVEL_ERROR_PITCHES, np.nan)
+    )
     print(f"# {machine()}")
     print(
         f"atlas of {len(train.ids)} training films, cut at {best:.2f}; {args.split} split "

@@ -50,11 +50,10 @@ def _train(cfg: DictConfig) -> float | None:
     try:
         manifest = train(cfg)
     except (Interrupted, SIGTERMException) as caught:
-        # Lightning's own SIGTERM path raises a SystemExit with no code, which would end a
-        # pre-empted job with status 0 as if it had finished: it is an interruption too.
-        stop = caught if isinstance(caught, Interrupted) else Interrupted(signal.SIGTERM)
         # SLURM's pre-emption or Ctrl-C: the model is marked, the scheduler sees a non-zero
-        # exit, and the same command resumes from the last good checkpoint.
+        # exit, and the same command resumes from the last good checkpoint. Lightning's own
+        # SIGTERM path raises a SystemExit without a code, which would exit 0 as if finished.
+        stop = caught if isinstance(caught, Interrupted) else Interrupted(signal.SIGTERM)
         record_failure(cfg, stop, status="interrupted")
         print(
             f"error: {cfg.member}: interrupted by {stop}; run the same command again to "
