@@ -70,6 +70,19 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def recorded_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as the manifest keeps it, its data roots made absolute: a root given
+    relative to where training ran (`../shared/data/...`) would not be found again by
+    `spineseg-score` or the gallery run from another folder."""
+    out: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    data = out.get("data") or {}
+    for spec in (data, data.get("external") or {}):
+        root = spec.get("root")
+        if isinstance(root, str) and root and not os.path.isabs(root):
+            spec["root"] = os.path.abspath(root)
+    return out
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -202,7 +215,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "model": name,
         "preset": {k: cfg.model.get(k) for k in ("arch", "encoder", "weights")},
         "target": dm.target,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": recorded_config(cfg),
         "config_hash": digest,
         "splits": dm.split_names,
         "started_at": _now(),

@@ -189,3 +189,24 @@ def test_lightning_product_tips_are_filtered_from_job_logs():
 
     assert not logger.filter(record("💡 Tip: For seamless cloud logging, try installing litlogger"))
     assert logger.filter(record("GPU available: False, used: False"))
+
+
+def test_the_manifest_records_data_roots_as_absolute_paths(tmp_path, monkeypatch):
+    """A root relative to where training ran must still lead to the films when the run is
+    scored from another folder; the config hash (a run's identity) is untouched."""
+    from omegaconf import OmegaConf
+
+    from spineseg.train import config_hash, recorded_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = OmegaConf.create({
+        "data": {"root": "films", "external": {"root": "../other"}}, "model": {}, "module": {},
+        "seed": 0, "trainer": {"max_epochs": 1},
+    })  # fmt: skip
+    before = config_hash(cfg)
+    got = recorded_config(cfg)
+    assert got["data"]["root"] == str(tmp_path / "films")
+    assert got["data"]["external"]["root"] == str(tmp_path.parent / "other")
+    assert cfg.data.root == "films" and config_hash(cfg) == before
+    none = recorded_config(OmegaConf.create({"data": {"root": None, "external": None}}))
+    assert none["data"] == {"root": None, "external": None}
