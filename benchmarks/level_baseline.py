@@ -12,6 +12,9 @@ Th8..Th11 region sits at nearly the same height on every film.
 
 Any `spineseg-train` data override composes the dataset; the split is the run's own
 (70/10/20 by patient, `data.split_seed`), so the numbers line up with a run's results.csv.
+The atlas is `spineseg.ensemble.baseline.fit_atlas`, the one `spineseg-score` places on
+every held-out film at its own resolution (its `atlas` row); this script needs no trained
+run, and adds the median-position prior.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from hydra.errors import HydraException
 from scipy import ndimage
 
 from spineseg.config import build
+from spineseg.ensemble.baseline import fit_atlas
 from spineseg.ensemble.metrics import (
     LEVEL_ERROR_PITCHES,
     level_metrics,
@@ -34,13 +38,6 @@ from spineseg.ensemble.metrics import (
 from spineseg.ensemble.stats import proportion_ci, summarize
 from spineseg.errors import SpinesegError
 from spineseg.names import STORED_SPLITS
-
-#: Where the mean mask is cut, chosen on the training films only.
-THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
-
-
-def _dice(atlas: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    return overlap_metrics(np.broadcast_to(atlas.astype(np.uint8), masks.shape), masks, 2)["dice"]
 
 
 def main() -> None:
@@ -55,9 +52,8 @@ def main() -> None:
         sys.exit(f"error: {str(err).splitlines()[0]}")
     train, held = dm.parts["train"], dm.parts[args.split]
     masks = train.masks("region")
-    mean = masks.astype(np.float32).mean(0)
-    best = max(THRESHOLDS, key=lambda t: np.nanmean(_dice(mean >= t, masks)))
-    atlas = (mean >= best).astype(np.uint8)
+    fitted = fit_atlas(masks, 2)  # the atlas spineseg-score places, here at the working size
+    best, atlas = fitted.threshold, fitted.labels(masks.shape[1:])
     pred = np.broadcast_to(atlas, held.labels.shape)
     truth = held.masks("region")
     axis = spine_axis(held.vertebrae(), held.spacing)

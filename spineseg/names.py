@@ -62,6 +62,8 @@ STORED_TARGET: dict[str, str] = {"region": "region", "vertebrae": "vertebrae", "
 # ---------------------------------------------------------------------- result methods
 #: The best single model on validation, listed beside the rules.
 BEST = "best_single"
+#: The film-blind reference row of `spineseg-score` (spineseg/ensemble/baseline.py).
+ATLAS = "atlas"
 #: Each selected model's own row: `model:<name>`.
 MODEL_PREFIX = "model:"
 #: A post-processed method: `<method>+<post-processing>` (e.g. `soft+spine`).

@@ -117,6 +117,7 @@ def test_the_cli_prints_the_table_and_bad_options_are_one_line(scored_run, capsy
         (["batch_size=0"], "batch_size must be a whole number >= 1, got 0"),
         (["split=train"], "split"),
         (["split=test"], "no 'test' split; there: val"),
+        (["atlas=maybe"], "atlas='maybe' must be true or false"),
     ):
         with pytest.raises(SystemExit):
             cli_main([f"run_dir={scored_run}", "device=cpu", *args])
@@ -203,3 +204,33 @@ def test_the_best_single_model_is_scored_at_the_threshold_selection_recorded(tmp
         want = metrics.overlap_metrics(labels[None], region_mask(s.label)[None], 2)["dice"][0]
         assert best.loc[s.id, "dice"] == pytest.approx(want)
     assert results.set_index("method").loc["best_single", "threshold"] == 0.3
+
+
+def test_the_film_blind_atlas_of_the_training_films_is_scored_beside_the_models(tmp_path, films):
+    """With the run's splits.csv, `atlas` is the training films' mean region placed on every
+    held-out film at its own size, scored with the same metrics; without it, no such row."""
+    from spineseg.data.splits import write_splits_csv
+    from spineseg.ensemble.baseline import fit_atlas, on_grid
+
+    held, train = films[1:4], [films[0], films[4]]
+    run = _with_source(make_run(tmp_path / "run"), SOURCE, [s.id for s in held])
+    assignment = {**{s.id: "train" for s in train}, **{s.id: "val" for s in held}}
+    write_splits_csv(run / "splits.csv", assignment, {i: i for i in assignment})
+    per_image, results, meta = score_films(run, "val", ["soft"], "cpu")
+    atlas = fit_atlas([on_grid(region_mask(s.label)) for s in train], 2)
+    assert meta["atlas"] == {"threshold": atlas.threshold, "n_training_films": 2}
+    rows = per_image[per_image["method"] == "atlas"].set_index("id")
+    assert list(rows.index) == [s.id for s in held]
+    for s in held:
+        placed = atlas.labels(s.image.shape)
+        truth = region_mask(s.label)[None]
+        want = metrics.overlap_metrics(placed[None], truth, 2)["dice"][0]
+        axis = metrics.spine_axis(vertebra_labels(s.label)[None])
+        assert rows.loc[s.id, "dice"] == pytest.approx(want)
+        assert (
+            rows.loc[s.id, "level_error"]
+            == metrics.level_metrics(placed[None], axis)["level_error"][0]
+        )
+    row = results.set_index("method").loc["atlas"]
+    assert row["k"] == 1 and row["threshold"] == atlas.threshold
+    assert "atlas" not in set(score_films(run, "val", ["soft"], "cpu", atlas=False)[0]["method"])

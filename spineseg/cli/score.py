@@ -14,7 +14,7 @@ import sys
 from omegaconf import DictConfig, OmegaConf
 
 from spineseg.checks import check_whole
-from spineseg.cli.common import hydra_app
+from spineseg.cli.common import flag, hydra_app
 from spineseg.config import APPS_DIR
 from spineseg.errors import ConfigError
 
@@ -36,6 +36,7 @@ def _score(cfg: DictConfig) -> str:
         str(cfg.device),
         None if cfg.data_root is None else str(cfg.data_root),
         int(cfg.batch_size),
+        flag(cfg, "atlas"),
     )
     compared = []
     if cfg.against is not None:

@@ -26,6 +26,7 @@ import pandas as pd
 from spineseg.data.sample import Sample
 from spineseg.ensemble import metrics
 from spineseg.ensemble import postprocess as post
+from spineseg.ensemble.baseline import Atlas, fit_atlas, on_grid
 from spineseg.ensemble.evaluate import (
     DEFAULTS,
     METRICS,
@@ -36,12 +37,14 @@ from spineseg.ensemble.evaluate import (
 from spineseg.errors import ConfigError, DataError, StoreError, choices_message
 from spineseg.labels import target_masks, vertebra_labels
 from spineseg.names import (
+    ATLAS,
     BEST,
     CHANNELS,
     EXTERNAL,
     FILM_SCORES_DIR,
     SELECTION,
     STORED_SPLITS,
+    TRAIN,
     post_method,
 )
 from spineseg.report.outputs import write_results
@@ -75,7 +78,6 @@ def held_out_films(
     """The run's `split` films, at their own resolution, in the store's order: the films the
     results scored, read again from the source training recorded (`data_root` where the
     films have moved since). Returns them and the selection."""
-    from spineseg.data.sources import build_spec
     from spineseg.ensemble.store import PredictionStore
 
     run_dir = Path(run_dir)
@@ -89,6 +91,15 @@ def held_out_films(
         there = [s for s in STORED_SPLITS if store.has_truth(s)]
         raise StoreError(f"{run_dir}: the store has no {split!r} split; there: {', '.join(there)}")
     ids = [str(i) for i in store.truth(split).ids]
+    return _source_films(run_dir, selection, split, ids, data_root), selection
+
+
+def _source_films(
+    run_dir: Path, selection: dict[str, Any], split: str, ids: Sequence[str], data_root: str | None
+) -> list[Sample]:
+    """The films `ids` of the source training recorded for `split` (external: its own)."""
+    from spineseg.data.sources import build_spec
+
     data = run_data(run_dir, selection)
     spec = dict(data.get("external") or {}) if split == EXTERNAL else dict(data)
     if data_root is not None:
@@ -103,7 +114,27 @@ def held_out_films(
             f"{len(missing)} of the run's {len(ids)} {split} films are not in this source "
             f"(first: {missing[0]!r}); data_root= points at the films where they are now",
         )
-    return [found[i] for i in ids], selection
+    return [found[i] for i in ids]
+
+
+def training_atlas(
+    run_dir: str | Path, selection: dict[str, Any], target: str, data_root: str | None = None
+) -> Atlas | None:
+    """The film-blind atlas (`spineseg.ensemble.baseline`) of the run's own training films
+    (splits.csv); None where the run records no split or no training film has a mask."""
+    from spineseg.data.splits import read_splits_csv
+
+    path = Path(run_dir) / "splits.csv"
+    if not path.is_file():
+        return None
+    train = [i for i, sp in read_splits_csv(path).items() if sp == TRAIN]
+    films = _source_films(Path(run_dir), selection, TRAIN, train, data_root) if train else []
+    maps = [
+        on_grid(target_masks(s.label[None], np.array([s.binary_label]), target)[0]) for s in films
+    ]
+    if not any(m.any() for m in maps):
+        return None
+    return fit_atlas(maps, max(2, CHANNELS[target]))
 
 
 @dataclass(frozen=True)
@@ -145,9 +176,11 @@ def score_films(
     device: str = "cpu",
     data_root: str | None = None,
     batch_size: int = 4,
+    atlas: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """(per_image, results, meta) of `best_single` and each rule, with and without the
-    post-processing validation chose for it, on the run's `split` films at their own size."""
+    post-processing validation chose for it, on the run's `split` films at their own size;
+    with `atlas`, also the film-blind atlas of the run's training films (`ATLAS`)."""
     from spineseg.ensemble import rules as R
     from spineseg.predict import load_ensemble
 
@@ -162,6 +195,13 @@ def score_films(
     posts = sorted({str(chosen.get(r, "none")) for r in rules} - {"none"})
     cols: dict[str, list[Any]] = {c: [] for c in PER_IMAGE_COLUMNS}
 
+    def add(method: str, sample_id: str, row: dict[str, float]) -> None:
+        cols["split"].append(split)
+        cols["method"].append(method)
+        cols["id"].append(sample_id)
+        for key in (*METRICS, *metrics.LEVEL_KEYS):
+            cols[key].append(row[key])
+
     def run(method: str, ensemble: Any) -> None:
         start = time.perf_counter()
         for lo in range(0, len(samples), batch_size):
@@ -172,12 +212,7 @@ def score_films(
             ):  # fmt: skip
                 for name in ("none", *posts):
                     labels = p.labels if name == "none" else post.apply(name, p.labels)
-                    row = film_metrics(labels, truth)
-                    cols["split"].append(split)
-                    cols["method"].append(post_method(method, name))
-                    cols["id"].append(s.id)
-                    for key in (*METRICS, *metrics.LEVEL_KEYS):
-                        cols[key].append(row[key])
+                    add(post_method(method, name), s.id, film_metrics(labels, truth))
         log.info(
             "%s: %d %s films in %.0f s", method, len(samples), split, time.perf_counter() - start
         )
@@ -190,12 +225,19 @@ def score_films(
     for rule in rules:
         ensemble = first if rule == rules[0] else load_ensemble(run_dir, rule, device, "none")
         run(rule, ensemble)
+    reference = training_atlas(run_dir, selection, first.target, data_root) if atlas else None
+    if reference is not None:
+        for s, truth in zip(samples, truths, strict=True):
+            add(ATLAS, s.id, film_metrics(reference.labels(s.image.shape[:2]), truth))
     per_image = pd.DataFrame(cols, columns=list(PER_IMAGE_COLUMNS))
+    thresholds = {r: float((selection.get("thresholds") or {}).get(r, 0.5)) for r in rules}
+    if reference is not None:
+        thresholds[ATLAS] = reference.threshold
     spec = EnsembleSpec(
         models=list(selection["models"]),
         weights=list(selection.get("weights") or []),
         rules=list(rules),
-        thresholds={r: float((selection.get("thresholds") or {}).get(r, 0.5)) for r in rules},
+        thresholds=thresholds,
         best_single=str(selection["best_single"]),
         threshold=model_threshold,
     )
@@ -211,6 +253,9 @@ def score_films(
         "n_images": {split: len(samples)},
         "rules": list(rules),
         "postprocess": posts,
+        "atlas": None
+        if reference is None
+        else {"threshold": reference.threshold, "n_training_films": reference.n},
     }
     return per_image, results, meta
 

@@ -435,7 +435,10 @@ def film_section(data: RunData) -> Section:
     section.text.append(
         "The best single model and the voting rules as `spineseg-predict` delivers them: "
         "mapped back onto each film and scored against its truth at full resolution, so that "
-        "runs at different working sizes, or a cascade and a whole-film run, compare."
+        "runs at different working sizes, or a cascade and a whole-film run, compare. "
+        "`atlas` never looks at the film: the training films' mean region placed unchanged "
+        "on each (spineseg/ensemble/baseline.py); a level-error rate means something only "
+        "beside its."
     )
     for results in data.film_results.values():
         section.tables += split_tables(rules_table(results, str(results["distance_unit"].iloc[0])))
