@@ -321,7 +321,6 @@ class SpineDataModule(L.LightningDataModule):
         if cache not in ("memory", "disk"):
             raise ConfigError(choices_message("cache", cache, ["memory", "disk"]))
         T.build_preprocess(preprocess)
-        T.build_augment(augment)
         self.internal_spec = {
             "source": source,
             "root": root,
@@ -331,6 +330,7 @@ class SpineDataModule(L.LightningDataModule):
         self.external_spec = dict(external) if external else None
         self.target = target
         self.image_size = G.check_size(image_size)
+        T.build_augment(augment, self.image_size)
         self.resize, self.preprocess, self.augment = resize, preprocess, augment
         self.fractions, self.split_seed = tuple(fractions), split_seed
         self.batch_size, self.num_workers = batch_size, resolve_workers(num_workers)
@@ -452,7 +452,11 @@ class SpineDataModule(L.LightningDataModule):
             raise ConfigError(choices_message("split", split, list(self.parts)))
         part = self.parts[split]
         # seeded from torch's seed, which seed_everything(cfg.seed) set for this run
-        aug = T.build_augment(self.augment, torch.initial_seed() % 2**32) if augment else None
+        aug = (
+            T.build_augment(self.augment, self.image_size, torch.initial_seed() % 2**32)
+            if augment
+            else None
+        )
         return FilmDataset(part.images, part.masks(self.target), part.ids, aug)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:

@@ -100,12 +100,42 @@ def _strong() -> list:
     ]
 
 
-AUGMENT = {"none": list, "light": _light, "strong": _strong}
+#: The most of the film's height `reframe` cuts from its top, and from its bottom.
+REFRAME_CUT = 0.2
 
 
-def build_augment(name: str, seed: int | None = None) -> A.Compose:
+def _reframe(size: tuple[int, int]) -> list:
+    """`light`, then the film cut at its top and bottom by up to REFRAME_CUT of its height
+    each and put back at a random height on a black canvas of the working size.
+
+    Films of one dataset are framed alike (AASCE from just above T1 to the sacrum), so a
+    network can find Th8..Th11 by its height on the film instead of by its anatomy, and
+    then misses the level on every film framed differently. Cutting into the film moves
+    where the spine starts and where the film's edge is, so the height alone no longer tells.
+    """
+    return [
+        *_light(),
+        A.RandomCropFromBorders(
+            crop_left=0, crop_right=0, crop_top=REFRAME_CUT, crop_bottom=REFRAME_CUT, p=0.7
+        ),
+        A.PadIfNeeded(
+            *size, position="random", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0
+        ),
+    ]
+
+
+#: Presets by name; each takes the working (H, W).
+AUGMENT = {
+    "none": lambda size: [],
+    "light": lambda size: _light(),
+    "strong": lambda size: _strong(),
+    "reframe": _reframe,
+}
+
+
+def build_augment(name: str, size: tuple[int, int], seed: int | None = None) -> A.Compose:
     """albumentations 2.x draws from its own RNG, which `seed_everything` does not reach:
     without `seed` two runs of the same config would see different augmentations."""
     if name not in AUGMENT:
         raise ConfigError(choices_message("augmentation preset", name, list(AUGMENT)))
-    return A.Compose(AUGMENT[name](), seed=seed)
+    return A.Compose(AUGMENT[name](tuple(int(v) for v in size)), seed=seed)

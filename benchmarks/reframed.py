@@ -1,0 +1,96 @@
+"""Does a model find Th8..Th11 by anatomy, or by where it sits on the film?
+
+Films of one dataset are framed alike (AASCE from just above T1 to the sacrum), so a model
+can score well on its own held-out films by learning the region's height on the film, and
+then miss the level on every film framed differently. This benchmark cuts each of a run's
+held-out films at its top and/or bottom (a fixed share of the film's height), runs the run's
+selected ensemble on the cut film exactly as `spineseg-predict` would, and scores it
+against the truth cut the same way, with the package's own metrics (Dice, the level-error
+rate of `spineseg.ensemble.metrics.level_metrics`, Wilson CI). A model that counts
+vertebrae keeps its level-error rate; one that learned the framing loses it.
+
+    uv run python benchmarks/reframed.py outputs/aasce/run_a outputs/aasce/run_b [--split val]
+
+Cuts are of the original film, before the working resize, so a cut film is what a
+differently framed acquisition would give. Read the validation split to choose; the test
+split only once, at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from common import machine
+
+from spineseg.ensemble.stats import proportion_ci, summarize
+from spineseg.errors import SpinesegError
+from spineseg.names import STORED_SPLITS
+from spineseg.report.film_scores import film_metrics, film_truth, held_out_films
+
+#: (top, bottom) shares of the film's height cut away; (0, 0) is the film as it came.
+CUTS = ((0.0, 0.0), (0.15, 0.0), (0.0, 0.15), (0.1, 0.1))
+
+
+def cut(sample, top: float, bottom: float):
+    """The film and its truth without the top and bottom shares of its rows."""
+    h = sample.image.shape[0]
+    y0, y1 = round(top * h), h - round(bottom * h)
+    return replace(sample, image=sample.image[y0:y1].copy(), label=sample.label[y0:y1].copy())
+
+
+def score(run_dir: Path, split: str, rule: str, batch: int = 4) -> dict[tuple, dict]:
+    from spineseg.predict import load_ensemble
+
+    samples, _ = held_out_films(run_dir, split)
+    ens = load_ensemble(run_dir, rule, "cpu")
+    spacings = [s.spacing for s in samples]
+    if not all(sp is not None and all(np.isfinite(sp)) and min(sp) > 0 for sp in spacings):
+        spacings = [None] * len(samples)  # as spineseg-score: mm only where every film has it
+    out = {}
+    for top, bottom in CUTS:
+        films = [cut(s, top, bottom) for s in samples]
+        truths = [film_truth(f, ens.target, sp) for f, sp in zip(films, spacings, strict=True)]
+        rows = []
+        for lo in range(0, len(films), batch):
+            preds = ens.predict_batch([f.image for f in films[lo : lo + batch]])
+            part = truths[lo : lo + batch]
+            rows += [film_metrics(p.labels, t) for p, t in zip(preds, part, strict=True)]
+        out[(top, bottom)] = {
+            "ids": [s.id for s in samples],
+            "dice": np.array([r["dice"] for r in rows]),
+            "level_error": np.array([r["level_error"] for r in rows]),
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dirs", nargs="+", type=Path, help="finished runs (spineseg-ensemble ran)")
+    ap.add_argument("--split", default="val", choices=[s for s in STORED_SPLITS if s != "external"])
+    ap.add_argument("--rule", default="soft")
+    args = ap.parse_args()
+    print(f"# {machine()}")
+    print(f"# {args.split} films, rule {args.rule}; cuts are shares of the film's height")
+    print("| run | cut (top, bottom) | Dice [95% CI] | level errors [95% CI] |")
+    print("|---|---|---|---:|")
+    for run_dir in args.run_dirs:
+        try:
+            scores = score(run_dir, args.split, args.rule)
+        except SpinesegError as err:
+            sys.exit(f"error: {str(err).splitlines()[0]}")
+        for (top, bottom), s in scores.items():
+            d, r = summarize(s["dice"]), proportion_ci(s["level_error"])
+            print(
+                f"| {run_dir.name} | {top:.2f}, {bottom:.2f} | {d['mean']:.3f} "
+                f"[{d['ci_low']:.3f}, {d['ci_high']:.3f}] | {100 * r['rate']:.1f}% "
+                f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] "
+                f"({round(r['rate'] * r['n'])}/{r['n']}) |"
+            )
+
+
+if __name__ == "__main__":
+    main()
