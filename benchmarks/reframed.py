@@ -9,7 +9,7 @@ against the truth cut the same way, with the package's own metrics (Dice, the le
 rate of `spineseg.ensemble.metrics.level_metrics`, Wilson CI). A model that counts
 vertebrae keeps its level-error rate; one that learned the framing loses it.
 
-    uv run python benchmarks/reframed.py outputs/aasce/run_a outputs/aasce/run_b [--split val]
+    uv run python benchmarks/reframed.py outputs/aasce/run_a outputs/aasce/run_b [--split val] [--atlas]
 
 Cuts are of the original film, before the working resize, so a cut film is what a
 differently framed acquisition would give. Read the validation split to choose; the test
@@ -29,7 +29,13 @@ from common import machine
 from spineseg.ensemble.stats import proportion_ci, summarize
 from spineseg.errors import SpinesegError
 from spineseg.names import STORED_SPLITS
-from spineseg.report.film_scores import film_metrics, film_truth, held_out_films
+from spineseg.report.film_scores import (
+    film_metrics,
+    film_truth,
+    held_out_films,
+    known_spacings,
+    training_atlas,
+)
 
 #: (top, bottom) shares of the film's height cut away; (0, 0) is the film as it came.
 CUTS = ((0.0, 0.0), (0.15, 0.0), (0.0, 0.15), (0.1, 0.1))
@@ -42,23 +48,31 @@ def cut(sample, top: float, bottom: float):
     return replace(sample, image=sample.image[y0:y1].copy(), label=sample.label[y0:y1].copy())
 
 
-def score(run_dir: Path, split: str, rule: str, batch: int = 4) -> dict[tuple, dict]:
+def score(
+    run_dir: Path, split: str, rule: str, atlas: bool = False, batch: int = 4
+) -> dict[tuple, dict]:
+    """Per cut, each film's Dice and level error: of the run's ensemble, or (`atlas`) of the
+    film-blind atlas of its training films (`spineseg.ensemble.baseline`)."""
     from spineseg.predict import load_ensemble
 
-    samples, _ = held_out_films(run_dir, split)
+    samples, selection = held_out_films(run_dir, split)
     ens = load_ensemble(run_dir, rule, "cpu")
-    spacings = [s.spacing for s in samples]
-    if not all(sp is not None and all(np.isfinite(sp)) and min(sp) > 0 for sp in spacings):
-        spacings = [None] * len(samples)  # as spineseg-score: mm only where every film has it
+    reference = training_atlas(run_dir, selection, ens.target) if atlas else None
+    spacings = known_spacings(samples)
     out = {}
     for top, bottom in CUTS:
         films = [cut(s, top, bottom) for s in samples]
         truths = [film_truth(f, ens.target, sp) for f, sp in zip(films, spacings, strict=True)]
         rows = []
         for lo in range(0, len(films), batch):
-            preds = ens.predict_batch([f.image for f in films[lo : lo + batch]])
-            part = truths[lo : lo + batch]
-            rows += [film_metrics(p.labels, t) for p, t in zip(preds, part, strict=True)]
+            part = films[lo : lo + batch]
+            labels = (
+                [reference.labels(f.image.shape[:2]) for f in part]
+                if reference is not None
+                else [p.labels for p in ens.predict_batch([f.image for f in part])]
+            )
+            rows += [film_metrics(x, t) for x, t in zip(labels, truths[lo : lo + batch],
+                                                         strict=True)]  # fmt: skip
         out[(top, bottom)] = {
             "ids": [s.id for s in samples],
             "dice": np.array([r["dice"] for r in rows]),
@@ -72,20 +86,23 @@ def main() -> None:
     ap.add_argument("run_dirs", nargs="+", type=Path, help="finished runs (spineseg-ensemble ran)")
     ap.add_argument("--split", default="val", choices=[s for s in STORED_SPLITS if s != "external"])
     ap.add_argument("--rule", default="soft")
+    ap.add_argument("--atlas", action="store_true", help="also the film-blind atlas")
     args = ap.parse_args()
     print(f"# {machine()}")
     print(f"# {args.split} films, rule {args.rule}; cuts are shares of the film's height")
     print("| run | cut (top, bottom) | Dice [95% CI] | level errors [95% CI] |")
     print("|---|---|---|---:|")
-    for run_dir in args.run_dirs:
+    # the first run's training films give the atlas: film-blind, so one row serves all runs
+    jobs = [(args.run_dirs[0], True, "atlas"), *[(r, False, r.name) for r in args.run_dirs]]
+    for run_dir, atlas, name in jobs if args.atlas else jobs[1:]:
         try:
-            scores = score(run_dir, args.split, args.rule)
+            scores = score(run_dir, args.split, args.rule, atlas)
         except SpinesegError as err:
             sys.exit(f"error: {str(err).splitlines()[0]}")
         for (top, bottom), s in scores.items():
             d, r = summarize(s["dice"]), proportion_ci(s["level_error"])
             print(
-                f"| {run_dir.name} | {top:.2f}, {bottom:.2f} | {d['mean']:.3f} "
+                f"| {name} | {top:.2f}, {bottom:.2f} | {d['mean']:.3f} "
                 f"[{d['ci_low']:.3f}, {d['ci_high']:.3f}] | {100 * r['rate']:.1f}% "
                 f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] "
                 f"({round(r['rate'] * r['n'])}/{r['n']}) |"

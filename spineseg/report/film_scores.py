@@ -137,6 +137,14 @@ def training_atlas(
     return fit_atlas(maps, max(2, CHANNELS[target]))
 
 
+def known_spacings(samples: Sequence[Sample]) -> list[Any]:
+    """Each film's pixel spacing where every film has a valid one (distances in mm), else
+    None for all (distances in pixels): one unit for the whole split."""
+    spacings = [s.spacing for s in samples]
+    known = all(sp is not None and all(np.isfinite(sp)) and min(sp) > 0 for sp in spacings)
+    return spacings if known else [None] * len(samples)
+
+
 @dataclass(frozen=True)
 class FilmTruth:
     """One film's truth at its own resolution, drawn once for every method scored on it."""
@@ -188,9 +196,8 @@ def score_films(
     for rule in rules:
         R.get(rule)
     samples, selection = held_out_films(run_dir, split, data_root)
-    spacings = [s.spacing for s in samples]
-    known = all(sp is not None and all(np.isfinite(sp)) and min(sp) > 0 for sp in spacings)
-    spacings = spacings if known else [None] * len(samples)
+    spacings = known_spacings(samples)
+    known = spacings[0] is not None if spacings else False
     chosen = selection.get("postprocess") or {}
     posts = sorted({str(chosen.get(r, "none")) for r in rules} - {"none"})
     cols: dict[str, list[Any]] = {c: [] for c in PER_IMAGE_COLUMNS}
