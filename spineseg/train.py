@@ -73,7 +73,7 @@ def config_hash(cfg: DictConfig) -> str:
 def recorded_config(cfg: DictConfig) -> dict[str, Any]:
     """The config as the manifest keeps it, its data roots made absolute: a root given
     relative to where training ran (`../shared/data/...`) would not be found again by
-    `spineseg-score` or the gallery run from another folder."""
+    `spineseg-score` (or a benchmark that reads a run's films) run from another folder."""
     out: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     data = out.get("data") or {}
     for spec in (data, data.get("external") or {}):
