@@ -153,19 +153,20 @@ def test_augmentation_is_reproducible_under_a_seed(tmp_path):
     assert torch.equal(first_batch(), first_batch())
 
 
-def test_reframe_cuts_and_moves_the_film_and_its_mask_together():
-    """`reframe` must move where the film starts and ends (so a network cannot read the
-    level off the height on the film), keep the working size, and never part a mask from
-    its pixels."""
+@pytest.mark.parametrize("preset", sorted(T.REFRAME_P))
+def test_reframe_cuts_and_moves_the_film_and_its_mask_together(preset):
+    """`reframe` (and `reframe_mild`, less often) must move where the film starts and ends
+    (so a network cannot read the level off the height on the film), keep the working size,
+    and never part a mask from its pixels."""
     h, w = 128, 64
     film = np.zeros((h, w), np.uint8)
     film[:, 8:56] = 200  # the film's content
     mask = np.zeros((h, w), np.uint8)
     mask[50:80, 20:44] = 1
     film[mask > 0] = 100  # the region is visible in the film
-    aug = T.build_augment("reframe", (h, w), seed=0)
+    aug = T.build_augment(preset, (h, w), seed=0)
     tops, rows_kept = [], []
-    for _ in range(40):
+    for _ in range(200):
         out = aug(image=film, mask=mask)
         img, m = out["image"], out["mask"]
         assert img.shape == (h, w) and m.shape == (h, w)
@@ -175,3 +176,6 @@ def test_reframe_cuts_and_moves_the_film_and_its_mask_together():
         # the mask lies on region pixels: flips and shifts applied to both alike
         assert m.sum() and (img[m > 0] > 0).all()
     assert len(set(tops)) > 5 and min(rows_kept) < 0.75 * h  # `light` alone keeps > 0.85
+    # the share of films cut deep follows the preset's probability
+    deep = np.mean(np.array(rows_kept) < 0.85 * h)
+    assert 0.25 * T.REFRAME_P[preset] < deep < T.REFRAME_P[preset] + 0.1
