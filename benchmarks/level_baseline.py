@@ -110,6 +110,11 @@ def compare_run(run_dir: Path, split: str, ids: list[str], yardsticks: dict) -> 
         sys.exit(f"error: {path} not found: run `spineseg-score run_dir={run_dir} split={split}`")
     table = pd.read_csv(path)
     run = table[table["method"] == "soft"].set_index("id")["level_offset"].reindex(ids)
+    if run.notna().sum() < 2:
+        sys.exit(
+            f"error: {path} scores {int(run.notna().sum())} of the {len(ids)} {split} films "
+            "this data config makes: is it a run on the same data and split?"
+        )
     wrong = np.abs(run.to_numpy()) > LEVEL_ERROR_PITCHES
     lines = [f"{run_dir} (soft vote): {int(wrong.sum())} level errors of {int(run.notna().sum())}"]
     for name, offset in yardsticks.items():
