@@ -62,11 +62,13 @@ def _along(mask: np.ndarray, axis: dict, i: int) -> np.ndarray:
     return (np.stack([rows, cols], 1) * axis["scale"][i]) @ axis["unit"][i]
 
 
-def column_fractions(labels: np.ndarray, axis: dict, ends: tuple[int, int]) -> np.ndarray:
+def column_fractions(
+    labels: np.ndarray, axis: dict, ends: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Per film, the truth region's centroid as a fraction of its labelled column along the
-    axis: 0 at the top of level value ends[0], 1 at the bottom of ends[1]; NaN where either
-    end is not labelled or the axis is unknown."""
-    out = np.full(len(labels), np.nan)
+    axis (0 at the top of level value ends[0], 1 at the bottom of ends[1]), and the column's
+    length; both NaN where either end is not labelled or the axis is unknown."""
+    fraction, length = np.full(len(labels), np.nan), np.full(len(labels), np.nan)
     for i, lab in enumerate(labels):
         if (
             not np.isfinite(axis["pitch"][i])
@@ -75,9 +77,9 @@ def column_fractions(labels: np.ndarray, axis: dict, ends: tuple[int, int]) -> n
         ):
             continue
         top, bottom = _along(lab == ends[0], axis, i).min(), _along(lab == ends[1], axis, i).max()
-        centre = axis["centre"][i] @ axis["unit"][i]
-        out[i] = (centre - top) / (bottom - top)
-    return out
+        length[i] = bottom - top
+        fraction[i] = (axis["centre"][i] @ axis["unit"][i] - top) / length[i]
+    return fraction, length
 
 
 def column_ends(labels: np.ndarray) -> tuple[int, int]:
@@ -161,18 +163,9 @@ def main() -> None:
     median = _rate(offset)
     # the column proportion: the truth's own column, the training films' median fraction
     ends = column_ends(train.labels)
-    fraction = np.nanmedian(
-        column_fractions(train.labels, spine_axis(train.vertebrae(), train.spacing), ends)
-    )
-    held_fraction = column_fractions(held.labels, axis, ends)
-    length = np.array(
-        [
-            _along(lab == ends[1], axis, i).max() - _along(lab == ends[0], axis, i).min()
-            if np.isfinite(held_fraction[i])
-            else np.nan
-            for i, lab in enumerate(held.labels)
-        ]
-    )
+    train_axis = spine_axis(train.vertebrae(), train.spacing)
+    fraction = np.nanmedian(column_fractions(train.labels, train_axis, ends)[0])
+    held_fraction, length = column_fractions(held.labels, axis, ends)
     proportion = (fraction - held_fraction) * length / axis["pitch"]
     print(f"# {machine()}")
     print(

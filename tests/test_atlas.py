@@ -77,7 +77,8 @@ def test_the_column_proportion_yardstick_places_the_region_by_its_fraction_of_th
     labels = np.stack([even, tall_lumbar])
     assert column_ends(labels) == (level_value("Th1"), level_value("L5"))
     axis = spine_axis(vertebra_labels(labels))
-    got = column_fractions(labels, axis, column_ends(labels))
+    got, length = column_fractions(labels, axis, column_ends(labels))
+    assert length[0] == 177 - 10  # first row of Th1 to last row of L5
     centre = np.mean([10 + 10 * k + 3.5 for k in range(7, 11)])  # rows of Th8..Th11
     assert got[0] == pytest.approx((centre - 10) / (10 + 16 * 10 + 7 - 10))
     assert got[1] == pytest.approx((centre - 10) / (10 + 12 * 10 + 5 * 16 - 2 - 1 - 10))
@@ -85,4 +86,4 @@ def test_the_column_proportion_yardstick_places_the_region_by_its_fraction_of_th
     no_l5 = np.where(even == level_value("L5"), 0, even)[None]
     assert np.isnan(
         column_fractions(no_l5, spine_axis(vertebra_labels(no_l5)), column_ends(labels))
-    )
+    ).all()
