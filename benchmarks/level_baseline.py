@@ -173,10 +173,7 @@ def main() -> None:
         f"({rate['n']} films):"
     )
     print(f"  Dice {dice['mean']:.3f} [{dice['ci_low']:.3f}, {dice['ci_high']:.3f}]")
-    print(
-        f"  level errors {100 * rate['rate']:.1f}% [{100 * rate['ci_low']:.1f}, "
-        f"{100 * rate['ci_high']:.1f}] ({round(rate['rate'] * rate['n'])} films)"
-    )
+    print(_line("  the atlas", rate))
     print(_line("centroid at the training films' median position", median))
     print(
         _line(

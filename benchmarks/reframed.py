@@ -71,8 +71,8 @@ def score(
                 if reference is not None
                 else [p.labels for p in ens.predict_batch([f.image for f in part])]
             )
-            rows += [film_metrics(x, t) for x, t in zip(labels, truths[lo : lo + batch],
-                                                         strict=True)]  # fmt: skip
+            part_truths = truths[lo : lo + batch]
+            rows += [film_metrics(x, t) for x, t in zip(labels, part_truths, strict=True)]
         out[(top, bottom)] = {
             "ids": [s.id for s in samples],
             "dice": np.array([r["dice"] for r in rows]),
