@@ -44,11 +44,11 @@ import cv2
 import numpy as np
 from common import machine
 from hydra.errors import HydraException
+from level_baseline import _line, _rate
 from scipy import ndimage
 
 from spineseg.config import build
 from spineseg.data.sources import build_spec
-from spineseg.ensemble.metrics import LEVEL_ERROR_PITCHES
 from spineseg.ensemble.stats import proportion_ci
 from spineseg.errors import SpinesegError
 from spineseg.names import STORED_SPLITS
@@ -235,11 +235,7 @@ def compare_run(
     }
     for what, ids in groups.items():
         if ids:
-            rate = proportion_ci(np.array([abs(run[f]) > LEVEL_ERROR_PITCHES for f in ids], float))
-            lines.append(
-                f"  level errors on films {what}: {100 * rate['rate']:.1f}% "
-                f"[{100 * rate['ci_low']:.1f}, {100 * rate['ci_high']:.1f}] of {rate['n']}"
-            )
+            lines.append(_line(f"  films {what}", _rate(np.array([run[f] for f in ids]))))
     return lines
 
 
