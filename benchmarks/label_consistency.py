@@ -51,9 +51,11 @@ from scipy import ndimage
 
 from spineseg.config import build
 from spineseg.data.sources import build_spec
+from spineseg.data.splits import read_splits_csv
 from spineseg.ensemble.stats import proportion_ci
 from spineseg.errors import SpinesegError
-from spineseg.names import STORED_SPLITS
+from spineseg.names import STORED_SPLITS, TEST
+from spineseg.utils.io import atomic_open
 
 PATCH = (40, 56)  # rows, cols of a body's patch; bodies are wider than tall on AP films
 GROW = 1.25  # the patch takes in the endplates, pedicles and a little of what is around
@@ -115,7 +117,8 @@ def shift_scores(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> dict[int
 
 def patient_offsets(scores: dict[tuple[int, int], dict[int, float]], n: int) -> np.ndarray:
     """Integer offsets o (o[0] = 0; how many levels lower a film's labels sit) maximising
-    the sum over pairs (i, j) of their score at o[j] - o[i]: exhaustive for up to six films, coordinate ascent beyond."""
+    the sum over pairs (i, j) of their score at o[j] - o[i]: exhaustive for up to six
+    films, coordinate ascent beyond."""
 
     def total(o) -> float:
         return sum(s[o[j] - o[i]] for (i, j), s in scores.items())
@@ -182,13 +185,12 @@ def run_offsets(run_dir: Path, splits: list[str], leave_out: set[str]) -> dict[s
     return out
 
 
-def test_films(run_dir: Path) -> set[str]:
+def held_out_test(run_dir: Path) -> set[str]:
     """The films a run keeps for its test split (its splits.csv)."""
     path = run_dir / "splits.csv"
     if not path.is_file():
         sys.exit(f"error: {path} not found: --leave-out takes a run directory")
-    with path.open(newline="") as fh:
-        return {row["id"] for row in csv.DictReader(fh) if row["split"] == "test"}
+    return {film for film, split in read_splits_csv(path).items() if split == TEST}
 
 
 def compare_run(
@@ -272,11 +274,11 @@ def main() -> None:
     if not groups:
         sys.exit("error: no patient has two films in this source; nothing to compare")
     patches = {p: [body_patches(s.image, s.label) for s in g] for p, g in groups.items()}
-    if max(len(b) for g in patches.values() for b in g) < MIN_SHARED:
+    most = max(len(b) for g in patches.values() for b in g)
+    if most < MIN_SHARED:
         sys.exit(
-            f"error: the films label at most {max(len(b) for g in patches.values() for b in g)}"
-            f" vertebrae; comparing levels needs {MIN_SHARED}: a source that labels the"
-            " whole column"
+            f"error: the films label at most {most} vertebrae; comparing levels needs "
+            f"{MIN_SHARED}: a source that labels the whole column"
         )
     films, pair_shift, rng = {}, {}, np.random.default_rng(0)
     seen = hit = 0
@@ -326,13 +328,13 @@ def main() -> None:
         f"{100 * closure(shuffled, sizes):.0f}% with the shifts shuffled across pairs"
     )
     if args.out is not None:
-        with args.out.open("w", newline="") as fh:
+        with atomic_open(args.out, "w") as fh:
             writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(["id", "patient", "films", "offset", "agrees"])
             for film, (p, o, ok) in sorted(films.items()):
                 writer.writerow([film, p, sizes[p], o, int(ok)])
     if args.run is not None:
-        leave_out = test_films(args.leave_out) if args.leave_out is not None else set()
+        leave_out = held_out_test(args.leave_out) if args.leave_out is not None else set()
         run = run_offsets(args.run, args.split, leave_out)
         print("\n".join(compare_run(run, films, f"{args.run} ({', '.join(args.split)})")))
 
