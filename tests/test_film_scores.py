@@ -12,6 +12,7 @@ import pytest
 from test_predict import make_run
 
 from spineseg.cli.score import main as cli_main
+from spineseg.data.level_check import FilmCheck, LevelCheck, write_offsets
 from spineseg.data.sources import build_spec
 from spineseg.ensemble import metrics
 from spineseg.ensemble.store import PredictionStore
@@ -123,6 +124,29 @@ def test_the_cli_prints_the_table_and_bad_options_are_one_line(scored_run, capsy
             cli_main([f"run_dir={scored_run}", "device=cpu", *args])
         err = capsys.readouterr().err.strip()
         assert expected in err and len(err.splitlines()) == 1, err
+
+
+def test_label_offsets_split_each_rate_by_the_level_check(scored_run, films, tmp_path, capsys,
+                                                         restore_logging):  # fmt: skip
+    ids = [s.id for s in films[1:4]]
+    check = LevelCheck({
+        ids[0]: FilmCheck(ids[0], "p", 3, 0, True, True),
+        ids[1]: FilmCheck(ids[1], "p", 3, 1, False, True),
+    }, {}, 1)  # fmt: skip
+    write_offsets(tmp_path / "offsets.csv", check)
+    assert cli_main([f"run_dir={scored_run}", "device=cpu", f"label_offsets={tmp_path / 'offsets.csv'}"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "soft, 1 films whose labels agree with their patient's others: Dice" in out
+    assert "soft, 1 films of patients with one film (not checked)" in out
+    meta = json.loads((scored_run / "film_scores" / "val" / "results.json").read_text())
+    rows = meta["label_agreement"]["rows"]
+    assert {(r["method"], r["films"]) for r in rows} >= {("soft", "agree"), ("soft", "differ"),
+                                                         ("best_single", "unchecked")}  # fmt: skip
+    with pytest.raises(SystemExit):
+        cli_main([f"run_dir={scored_run}", "device=cpu", f"label_offsets={tmp_path / 'none.csv'}"])
+    err = capsys.readouterr().err.strip()
+    assert "none.csv: not found: write it with spineseg-validate-data" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_films_missing_from_the_source_are_named(tmp_path, films):

@@ -5,6 +5,9 @@ resolution (`spineseg.report.film_scores`); the options and defaults are conf/ap
 Runs with different working sizes, and a cascade against a whole-film run, compare here;
 `ensemble/results.csv` scores each at its own working resolution. `against=<run>` adds the
 paired difference of each rule against the same rule of another run already scored so.
+`label_offsets=<csv>` (written by `spineseg-validate-data level_offsets=<csv>`) adds each
+method's level-error rate on the films whose labels agree with their patient's other films,
+and on those whose labels do not.
 """
 
 from __future__ import annotations
@@ -22,13 +25,22 @@ USAGE = "usage: spineseg-score run_dir=<dir> [split=val] [rules=[soft]] [key=val
 
 
 def _score(cfg: DictConfig) -> str:
-    from spineseg.report.film_scores import against, against_text, score_films, write_film_scores
+    from spineseg.data.level_check import read_offsets
+    from spineseg.report.film_scores import (
+        against,
+        against_text,
+        agreement_text,
+        by_label_agreement,
+        score_films,
+        write_film_scores,
+    )
     from spineseg.report.readme_table import readme_table
 
     rules = OmegaConf.to_object(cfg.rules) if OmegaConf.is_list(cfg.rules) else cfg.rules
     if not isinstance(rules, list) or not rules or not all(isinstance(r, str) for r in rules):
         raise ConfigError(f"rules={cfg.rules!r} must be a list of rule names, e.g. rules=[soft]")
     check_whole("batch_size", cfg.batch_size, 1)
+    films = None if cfg.label_offsets is None else read_offsets(str(cfg.label_offsets))
     per_image, results, meta = score_films(
         str(cfg.run_dir),
         str(cfg.split),
@@ -42,11 +54,17 @@ def _score(cfg: DictConfig) -> str:
     if cfg.against is not None:
         compared = against(per_image, str(cfg.against), str(cfg.split), rules)
         meta["against"] = compared
+    agreeing = []
+    if films is not None:
+        agreeing = by_label_agreement(per_image, films, str(cfg.label_offsets))
+        meta["label_agreement"] = {"offsets": str(cfg.label_offsets), "rows": agreeing}
     out = write_film_scores(str(cfg.run_dir), per_image, results, meta)
     table = readme_table(results, levels=True, hd95=True, paired=True)
     print(table)
     if compared:
         print("\n" + against_text(compared))
+    if agreeing:
+        print("\nby the level check of the labels (label_offsets):\n" + agreement_text(agreeing))
     print(f"\nat the films' resolution: {out}")
     return table
 

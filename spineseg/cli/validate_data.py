@@ -1,12 +1,17 @@
 """`spineseg-validate-data`: check a dataset before training on it.
 
     spineseg-validate-data data=<preset> [data.root=... data.split=...] [export_masks=DIR]
+                           [check_levels=true] [level_offsets=FILE.csv]
 
 Loads the data (and `data.external`, when set) with on_error=skip so that every problem is
 listed at once, prints the report and exits 1 when there are errors. `export_masks=DIR`
 writes the derived label masks (uint8, 0 = background, 1..4 = Th8..Th11, original size) as
 DIR/<image stem>.png, and the external set's as DIR/external/<image stem>.png, to inspect
-them or to train other tools on them.
+them or to train other tools on them. `check_levels=true` checks each patient's films
+against each other on the level (`spineseg.data.level_check`): a film whose labels sit a
+level off its patient's other films is a warning, because a level error scored against it
+may be the label's; `level_offsets=FILE.csv` writes every checked film's verdict, which
+`spineseg-score label_offsets=FILE.csv` reads.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
-from spineseg.cli.common import hydra_app
+from spineseg.cli.common import flag, hydra_app
 from spineseg.data.sample import Sample
 from spineseg.data.sources import build_spec
-from spineseg.data.validate import Report, build_report, cross_check, format_report
+from spineseg.data.validate import Report, build_report, cross_check, format_report, level_issues
 from spineseg.errors import ConfigError, DataError
 from spineseg.labels import vertebra_labels
 from spineseg.utils.io import atomic_open
@@ -54,10 +59,14 @@ def validate(cfg: DictConfig) -> list[Report]:
     try:
         data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
         out = cfg.get("export_masks")
+        offsets = cfg.get("level_offsets")
     except OmegaConfBaseException as err:  # e.g. data.root=??? not set
         raise ConfigError(f"invalid configuration: {err}".splitlines()[0]) from None
+    levels = flag(cfg, "check_levels") or offsets is not None
     main, skipped = load(data)
     reports = [build_report(main, skipped, name=_title(data, "data"))]
+    if levels:
+        reports[0].issues += check_levels_of(main, reports[0], offsets)
     if out:
         n = export_masks(main, Path(out))
         print(f"wrote {n} masks to {out}")
@@ -71,6 +80,19 @@ def validate(cfg: DictConfig) -> list[Report]:
             n = export_masks(ext, Path(out) / "external")
             print(f"wrote {n} masks to {Path(out) / 'external'}")
     return reports
+
+
+def check_levels_of(samples: list[Sample], report: Report, offsets: str | None) -> list:
+    """The level check's warnings; its summary goes to the report's notes, its verdicts to
+    `offsets` (CSV) when asked."""
+    from spineseg.data.level_check import write_offsets
+
+    issues, note, check = level_issues(samples)
+    report.notes.append(note)
+    if offsets is not None and check is not None:
+        write_offsets(offsets, check)
+        report.notes.append(f"level offsets of {len(check.films)} films written to {offsets}")
+    return issues
 
 
 def _title(spec: dict, name: str) -> str:

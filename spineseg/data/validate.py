@@ -12,12 +12,16 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from spineseg.data.sample import Sample
 from spineseg.errors import DataError
 from spineseg.names import LEVELS, TARGET_LEVELS, TARGET_VALUES
+
+if TYPE_CHECKING:
+    from spineseg.data.level_check import FilmCheck, LevelCheck
 
 
 def label_name(value: int) -> str:
@@ -49,6 +53,7 @@ class Report:
     label_modes: dict[str, int] = field(default_factory=dict)  # binary / vertebrae -> films
     splits: dict[str, tuple[int, int]] = field(default_factory=dict)  # split -> films, patients
     issues: list[Issue] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what an optional check found, in a line
 
     @property
     def errors(self) -> list[Issue]:
@@ -131,6 +136,47 @@ def cross_check(main: list[Sample], external: list[Sample]) -> list[Issue]:
     return issues
 
 
+def level_issues(samples: list[Sample]) -> tuple[list[Issue], str, LevelCheck | None]:
+    """The level check across each patient's films (`spineseg.data.level_check`): a warning
+    for every film whose labels differ from its patient's others, a line that sums it up (or
+    says why the check cannot run on these films), and the check itself."""
+    from spineseg.data.level_check import check_levels
+
+    try:
+        check = check_levels(samples)
+    except DataError as err:
+        return [], f"level check not run: {err.problem}", None
+    where = {s.id: s.source_path or s.id for s in samples}
+    issues = []
+    for f in check.films.values():
+        if f.agrees:
+            continue
+        issues.append(Issue("warning", where[f.id], _level_problem(f)))
+    patients = {f.patient for f in check.films.values()}
+    odd = {f.patient for f in check.films.values() if not f.agrees}
+    note = (
+        f"level check: {len(odd)} of {len(patients)} patients with several films have films "
+        f"whose labels disagree on the level ({len(issues)} of {len(check.films)} films); "
+        f"{check.unchecked} films of patients with one film cannot be checked"
+    )
+    return issues, note, check
+
+
+def _level_problem(f: FilmCheck) -> str:
+    if f.settled:
+        n, side = abs(f.offset), "lower" if f.offset > 0 else "higher"
+        return f"labels {n} level{'s' if n > 1 else ''} {side} than the patient's other films"
+    if f.films == 2:
+        return (
+            "labels a level or more off the patient's other film (which of the two, the check "
+            "cannot say)"
+        )
+    return (
+        "labels of the patient's films disagree, with no majority (which are off, the check "
+        "cannot say)"
+    )
+
+
 def format_report(report: Report, max_examples: int = 5) -> str:
     """Human-readable report: all errors one per line, warnings grouped by kind."""
     lines = [f"== {report.name} =="]
@@ -155,6 +201,7 @@ def format_report(report: Report, max_examples: int = 5) -> str:
     if report.splits:
         splits = ", ".join(f"{k}: {f} films / {p} patients" for k, (f, p) in report.splits.items())
         lines.append(f"forced splits: {splits}")
+    lines += report.notes
     errors, warnings = report.errors, report.warnings
     lines.append(f"errors: {len(errors)}")
     lines += [f"  ERROR {issue}" for issue in errors]

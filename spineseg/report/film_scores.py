@@ -15,10 +15,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,9 @@ from spineseg.names import (
     post_method,
 )
 from spineseg.report.outputs import write_results
+
+if TYPE_CHECKING:
+    from spineseg.data.level_check import FilmCheck
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +317,52 @@ def against_text(rows: Sequence[dict[str, Any]]) -> str:
         f"[{r['dice_diff_ci_low']:+.3f}, {r['dice_diff_ci_high']:+.3f}], Wilcoxon p = "
         f"{r['p_value']:.2g}; level errors {r['level_errors']} vs {r['other_level_errors']} "
         f"of {r['n']} films ({r['level_errors_both']} in both)"
+        for r in rows
+    )
+
+
+def by_label_agreement(
+    per_image: pd.DataFrame, films: Mapping[str, FilmCheck], where: str | Path
+) -> list[dict[str, Any]]:
+    """Each method's Dice and level-error rate (Wilson 95% CI) on the films whose labels the
+    level check (`spineseg.data.level_check`, its CSV) found agreeing with their patient's
+    other films, differing, or could not check. Where labels differ, a level error may be the
+    label's; the rate on agreeing films is the one that speaks of the model. `where` names
+    the CSV the verdicts came from."""
+    from spineseg.data.level_check import AGREEMENT, agreement
+    from spineseg.ensemble import stats
+
+    ids = set(per_image["id"].astype(str))
+    if not ids & set(films):
+        raise DataError(
+            where,
+            f"none of the {len(ids)} scored films is in it: check the levels of the run's own "
+            "data (spineseg-validate-data data=... level_offsets=<csv>)",
+        )
+    group = per_image["id"].astype(str).map(lambda i: agreement(films, i))
+    rows = []
+    for method in dict.fromkeys(per_image["method"]):
+        for key in AGREEMENT:
+            part = per_image[(per_image["method"] == method) & (group == key)]
+            if part.empty:
+                continue
+            rate = stats.proportion_ci(part["level_error"].to_numpy(dtype=float))
+            rows.append({
+                "method": method, "films": key, "n": len(part), "dice": float(part["dice"].mean()),
+                "level_error_rate": rate["rate"], "level_error_ci_low": rate["ci_low"],
+                "level_error_ci_high": rate["ci_high"],
+            })  # fmt: skip
+    return rows
+
+
+def agreement_text(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per method and group of films: Dice and level errors with their interval."""
+    from spineseg.data.level_check import AGREEMENT
+
+    return "\n".join(
+        f"{r['method']}, {r['n']} films {AGREEMENT[r['films']]}: Dice {r['dice']:.3f}, level "
+        f"errors {100 * r['level_error_rate']:.1f}% [{100 * r['level_error_ci_low']:.1f}, "
+        f"{100 * r['level_error_ci_high']:.1f}]"
         for r in rows
     )
 
