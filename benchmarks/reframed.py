@@ -30,6 +30,7 @@ from spineseg.ensemble.stats import proportion_ci, summarize
 from spineseg.errors import SpinesegError
 from spineseg.names import STORED_SPLITS
 from spineseg.report.film_scores import (
+    delivered_target,
     film_metrics,
     film_truth,
     held_out_films,
@@ -55,14 +56,21 @@ def score(
     film-blind atlas of its training films (`spineseg.ensemble.baseline`)."""
     from spineseg.predict import load_ensemble
 
-    samples, selection = held_out_films(run_dir, split)
-    ens = load_ensemble(run_dir, rule, "cpu")
-    reference = training_atlas(run_dir, selection, ens.target) if atlas else None
+    samples, selection, training = held_out_films(run_dir, split, training=atlas)
+    if atlas:  # the atlas needs only what the run delivers, not its checkpoints
+        ens, target = None, delivered_target(run_dir, selection)
+        reference = training_atlas(training, target)
+        if reference is None:
+            sys.exit(f"error: {run_dir}: no training film with a mask to build the atlas from")
+    else:
+        ens = load_ensemble(run_dir, rule, "cpu")
+        target, reference = ens.target, None
+    del training
     spacings = known_spacings(samples)
     out = {}
     for top, bottom in CUTS:
         films = [cut(s, top, bottom) for s in samples]
-        truths = [film_truth(f, ens.target, sp) for f, sp in zip(films, spacings, strict=True)]
+        truths = [film_truth(f, target, sp) for f, sp in zip(films, spacings, strict=True)]
         rows = []
         for lo in range(0, len(films), batch):
             part = films[lo : lo + batch]

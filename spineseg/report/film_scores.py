@@ -75,12 +75,27 @@ def run_data(run_dir: Path, selection: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def delivered_target(run_dir: str | Path, selection: dict[str, Any]) -> str:
+    """What the run's ensemble delivers (a `levels` run: the region), from its recorded
+    config, without loading a checkpoint."""
+    from spineseg.predict import Pipeline
+
+    return (
+        Pipeline.from_config({"data": run_data(Path(run_dir), selection)}, Path(run_dir))
+        .shared()
+        .target
+    )
+
+
 def held_out_films(
-    run_dir: str | Path, split: str, data_root: str | None = None
-) -> tuple[list[Sample], dict[str, Any]]:
+    run_dir: str | Path, split: str, data_root: str | None = None, training: bool = False
+) -> tuple[list[Sample], dict[str, Any], list[Sample]]:
     """The run's `split` films, at their own resolution, in the store's order: the films the
     results scored, read again from the source training recorded (`data_root` where the
-    films have moved since). Returns them and the selection."""
+    films have moved since). Returns them, the selection and, with `training`, the run's
+    training films (splits.csv; read in the same pass over the source where it is the same
+    source, since reading a folder of full-size films is most of the time this takes)."""
+    from spineseg.data.splits import read_splits_csv
     from spineseg.ensemble.store import PredictionStore
 
     run_dir = Path(run_dir)
@@ -94,44 +109,54 @@ def held_out_films(
         there = [s for s in STORED_SPLITS if store.has_truth(s)]
         raise StoreError(f"{run_dir}: the store has no {split!r} split; there: {', '.join(there)}")
     ids = [str(i) for i in store.truth(split).ids]
-    return _source_films(run_dir, selection, split, ids, data_root), selection
+    splits_csv = run_dir / "splits.csv"
+    train = (
+        [i for i, sp in read_splits_csv(splits_csv).items() if sp == TRAIN]
+        if training and splits_csv.is_file()
+        else []
+    )
+    if split == EXTERNAL:
+        held = _source_films(run_dir, selection, True, {split: ids}, data_root)[split]
+        rest = _source_films(run_dir, selection, False, {TRAIN: train}, data_root)[TRAIN]
+        return held, selection, rest
+    got = _source_films(run_dir, selection, False, {split: ids, TRAIN: train}, data_root)
+    return got[split], selection, got[TRAIN]
 
 
 def _source_films(
-    run_dir: Path, selection: dict[str, Any], split: str, ids: Sequence[str], data_root: str | None
-) -> list[Sample]:
-    """The films `ids` of the source training recorded for `split` (external: its own)."""
+    run_dir: Path,
+    selection: dict[str, Any],
+    external: bool,
+    wanted: dict[str, Sequence[str]],
+    data_root: str | None,
+) -> dict[str, list[Sample]]:
+    """The films of each split in `wanted` (split -> ids), in one pass over the source
+    training recorded (`external`: the external set's own)."""
     from spineseg.data.sources import build_spec
 
+    if not any(wanted.values()):
+        return {split: [] for split in wanted}
     data = run_data(run_dir, selection)
-    spec = dict(data.get("external") or {}) if split == EXTERNAL else dict(data)
+    spec = dict(data.get("external") or {}) if external else dict(data)
     if data_root is not None:
         spec["root"] = data_root
     skipped: list = []
-    wanted = set(ids)
-    found = {s.id: s for s in build_spec(spec, on_error="skip", skipped=skipped) if s.id in wanted}
-    missing = [i for i in ids if i not in found]
-    if missing:
-        raise DataError(
-            spec.get("root"),
-            f"{len(missing)} of the run's {len(ids)} {split} films are not in this source "
-            f"(first: {missing[0]!r}); data_root= points at the films where they are now",
-        )
-    return [found[i] for i in ids]
+    every = {i for ids in wanted.values() for i in ids}
+    found = {s.id: s for s in build_spec(spec, on_error="skip", skipped=skipped) if s.id in every}
+    for split, ids in wanted.items():
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise DataError(
+                spec.get("root"),
+                f"{len(missing)} of the run's {len(ids)} {split} films are not in this source "
+                f"(first: {missing[0]!r}); data_root= points at the films where they are now",
+            )
+    return {split: [found[i] for i in ids] for split, ids in wanted.items()}
 
 
-def training_atlas(
-    run_dir: str | Path, selection: dict[str, Any], target: str, data_root: str | None = None
-) -> Atlas | None:
-    """The film-blind atlas (`spineseg.ensemble.baseline`) of the run's own training films
-    (splits.csv); None where the run records no split or no training film has a mask."""
-    from spineseg.data.splits import read_splits_csv
-
-    path = Path(run_dir) / "splits.csv"
-    if not path.is_file():
-        return None
-    train = [i for i, sp in read_splits_csv(path).items() if sp == TRAIN]
-    films = _source_films(Path(run_dir), selection, TRAIN, train, data_root) if train else []
+def training_atlas(films: Sequence[Sample], target: str) -> Atlas | None:
+    """The film-blind atlas (`spineseg.ensemble.baseline`) of a run's training films
+    (`held_out_films(..., training=True)`); None where no training film has a mask."""
     maps = [
         on_grid(target_masks(s.label[None], np.array([s.binary_label]), target)[0]) for s in films
     ]
@@ -198,7 +223,7 @@ def score_films(
     run_dir = Path(run_dir)
     for rule in rules:
         R.get(rule)
-    samples, selection = held_out_films(run_dir, split, data_root)
+    samples, selection, training = held_out_films(run_dir, split, data_root, training=atlas)
     spacings = known_spacings(samples)
     known = spacings[0] is not None if spacings else False
     chosen = selection.get("postprocess") or {}
@@ -231,11 +256,12 @@ def score_films(
     first = load_ensemble(run_dir, rules[0], device, postprocess="none")
     # every method delivers the same target, so each film's truth is drawn once
     truths = [film_truth(s, first.target, sp) for s, sp in zip(samples, spacings, strict=True)]
+    reference = training_atlas(training, first.target) if atlas else None
+    del training  # the atlas is all that is kept of them, before the models run
     run(BEST, first.member(str(selection["best_single"]), model_threshold))
     for rule in rules:
         ensemble = first if rule == rules[0] else load_ensemble(run_dir, rule, device, "none")
         run(rule, ensemble)
-    reference = training_atlas(run_dir, selection, first.target, data_root) if atlas else None
     if reference is not None:
         for s, truth in zip(samples, truths, strict=True):
             add(ATLAS, s.id, film_metrics(reference.labels(s.image.shape[:2]), truth))
