@@ -21,6 +21,7 @@ from spineseg.labels import region_mask, vertebra_labels
 from spineseg.predict import load_ensemble
 from spineseg.report.film_scores import against, score_films, write_film_scores
 from spineseg.report.readme_table import main as table_main
+from spineseg.report.report import build_report
 
 SOURCE = {"source": "synthetic", "root": None, "split": None,
           "source_kwargs": {"n": 5, "height": 96, "width": 64, "seed": 3}}  # fmt: skip
@@ -142,6 +143,9 @@ def test_label_offsets_split_each_rate_by_the_level_check(scored_run, films, tmp
     rows = meta["label_agreement"]["rows"]
     assert {(r["method"], r["films"]) for r in rows} >= {("soft", "agree"), ("soft", "differ"),
                                                          ("best_single", "unchecked")}  # fmt: skip
+    report = build_report(scored_run).read_text()  # Table 6 gains the split by agreement
+    assert "val, by the labels' agreement" in report
+    assert "whose labels differ from their patient's others" in report
     with pytest.raises(SystemExit):
         cli_main([f"run_dir={scored_run}", "device=cpu", f"label_offsets={tmp_path / 'none.csv'}"])
     err = capsys.readouterr().err.strip()

@@ -384,13 +384,14 @@ def by_label_agreement(
 def agreement_text(rows: Sequence[dict[str, Any]]) -> str:
     """One line per method and group of films: Dice and level errors with their interval."""
     from spineseg.data.level_check import AGREEMENT
+    from spineseg.report.tables import level_text
 
     return "\n".join(
         f"{r['method']}, {r['n']} films {AGREEMENT[r['films']]}: Dice {r['dice']:.3f}, level "
-        f"errors {100 * r['level_error_rate']:.1f}% [{100 * r['level_error_ci_low']:.1f}, "
-        f"{100 * r['level_error_ci_high']:.1f}]"
+        "errors " + level_text(r["level_error_rate"], r["level_error_ci_low"],
+                               r["level_error_ci_high"])
         for r in rows
-    )
+    )  # fmt: skip
 
 
 def film_scores_dir(run_dir: str | Path, split: str) -> Path:

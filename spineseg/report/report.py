@@ -25,7 +25,7 @@ from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import SpinesegError, StoreError
 from spineseg.names import ENSEMBLE_DIR, SELECTION, STORED_SPLITS
 from spineseg.report import figures as figs
-from spineseg.report.tables import fmt, num, rule_rows, rules_table
+from spineseg.report.tables import fmt, level_text, num, rule_rows, rules_table
 from spineseg.utils.io import atomic_open, atomic_write_text, staged_dir
 
 SELECTED_COLOR = "#d62728"
@@ -58,6 +58,8 @@ class RunData:
     notes: list[str] = field(default_factory=list)
     #: split -> `spineseg-score`'s results (film_scores/<split>/) for this very selection
     film_results: dict[str, pd.DataFrame] = field(default_factory=dict)
+    #: split -> its rates by the level check of the labels (`spineseg-score label_offsets=`)
+    film_agreement: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- loading
@@ -222,6 +224,9 @@ def load_film_scores(data: RunData) -> None:
             )
             continue
         data.film_results[split] = pd.read_csv(folder / "results.csv")
+        agreement = (_read_json(folder / "results.json") or {}).get("label_agreement") or {}
+        if agreement.get("rows"):
+            data.film_agreement[split] = agreement["rows"]
 
 
 # ---------------------------------------------------------------------- tables
@@ -442,7 +447,30 @@ def film_section(data: RunData) -> Section:
     )
     for results in data.film_results.values():
         section.tables += split_tables(rules_table(results, str(results["distance_unit"].iloc[0])))
+    if data.film_agreement:
+        section.text.append(
+            "By the level check of the labels (`spineseg-validate-data level_offsets=`, "
+            "spineseg/data/level_check.py): where a film's labels sit a level off its "
+            "patient's other films, a level error scored against them may be the label's."
+        )
+    for split, rows in data.film_agreement.items():
+        section.tables.append((f"{split}, by the labels' agreement", agreement_table(rows)))
     return section
+
+
+def agreement_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per method and group of films: n, Dice and level errors with their CI."""
+    from spineseg.data.level_check import AGREEMENT
+
+    return pd.DataFrame(
+        [
+            {"method": r["method"], "films": AGREEMENT[r["films"]], "n": r["n"],
+             "Dice": fmt(r["dice"], 3),
+             "level errors [95% CI]": level_text(r["level_error_rate"], r["level_error_ci_low"],
+                                                 r["level_error_ci_high"])}
+            for r in rows
+        ]
+    )  # fmt: skip
 
 
 def split_tables(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
