@@ -53,6 +53,7 @@ from spineseg.data.level_check import (
 )
 from spineseg.data.sources import build_spec
 from spineseg.data.splits import read_splits_csv
+from spineseg.ensemble.metrics import LEVEL_ERROR_PITCHES
 from spineseg.ensemble.stats import proportion_ci
 from spineseg.errors import SpinesegError
 from spineseg.names import STORED_SPLITS, TEST
@@ -135,7 +136,50 @@ def compare_run(run: dict[str, float], films: dict[str, FilmCheck], where: str) 
         ids = [f for f in run if agreement(films, f) == key]
         if ids:
             lines.append(_line(f"  films {what}", _rate(np.array([run[f] for f in ids]))))
-    return lines
+    return lines + patient_clustering(run, films)
+
+
+def patient_clustering(
+    run: dict[str, float], films: dict[str, FilmCheck], n_shuffles: int = 20000
+) -> list[str]:
+    """Whether the run's level errors on films whose labels agree cluster by patient: pairs
+    of one patient's agreeing films both wrong, against the same errors shuffled across
+    those films (patients kept), and which way the errors point where the labels are not
+    known to be off."""
+    groups = defaultdict(list)
+    for f, offset in run.items():
+        if agreement(films, f) == "agree":
+            groups[films[f].patient].append(offset)
+    groups = {p: np.array(o) for p, o in groups.items() if len(o) > 1}
+    if not groups:
+        return []
+    wrong = np.concatenate([np.abs(o) > LEVEL_ERROR_PITCHES for o in groups.values()])
+    sizes = np.array([len(o) for o in groups.values()])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+
+    def both(flags: np.ndarray) -> int:
+        c = np.add.reduceat(flags.astype(int), starts)
+        return int((c * (c - 1) // 2).sum())
+
+    rng = np.random.default_rng(0)
+    seen = both(wrong)
+    null = np.array([both(rng.permutation(wrong)) for _ in range(n_shuffles)])
+    counts = np.add.reduceat(wrong.astype(int), starts)
+    same = 0  # pairs of errors that point the same way
+    for o in groups.values():
+        up, down = int((o < -LEVEL_ERROR_PITCHES).sum()), int((o > LEVEL_ERROR_PITCHES).sum())
+        same += up * (up - 1) // 2 + down * (down - 1) // 2
+    loose = np.array([o for f, o in run.items() if agreement(films, f) != "differ"])
+    loose = loose[np.abs(loose) > LEVEL_ERROR_PITCHES]
+    return [
+        f"  agreeing films of one patient ({len(groups)} patients, {int(sizes.sum())} films, "
+        f"{int(wrong.sum())} level errors): {seen} pairs both wrong ({same} the same way), "
+        f"{null.mean():.1f} with the errors shuffled across these films (p = "
+        f"{(null >= seen).mean():.3f}); patients all right {int((counts == 0).sum())}, all "
+        f"wrong {int((counts == sizes).sum())}, mixed {int(((counts > 0) & (counts < sizes)).sum())}",
+        f"  level errors on films whose labels agree or cannot be checked: {int((loose < 0).sum())}"
+        f" of {len(loose)} put the region above the labels' (negative offset)",
+    ]
 
 
 def main() -> None:

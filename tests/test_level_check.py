@@ -33,7 +33,7 @@ from spineseg.report.film_scores import agreement_text, by_label_agreement
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from label_consistency import closure  # noqa: E402
+from label_consistency import closure, patient_clustering  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +229,14 @@ def test_read_offsets_names_a_missing_or_foreign_file(tmp_path) -> None:
     (tmp_path / "other.csv").write_text("id,dice\na,0.5\n")
     with pytest.raises(DataError, match="not a level-offsets CSV: no column 'patient'"):
         read_offsets(tmp_path / "other.csv")
+
+
+def test_patient_clustering_counts_pairs_of_one_patients_errors() -> None:
+    films = {f"{p}{k}": FilmCheck(f"{p}{k}", p, 3, 0, True, True) for p in "abc" for k in range(3)}
+    films["c9"] = FilmCheck("c9", "c", 3, 1, False, True)  # labels off: not counted
+    run = {"a0": -1.0, "a1": -0.9, "a2": 1.1, "b0": 0.0, "b1": 0.1, "b2": -0.2,
+           "c0": 0.0, "c1": -1.0, "c2": 0.2, "c9": -1.0}  # fmt: skip
+    pairs, direction = patient_clustering(run, films, n_shuffles=200)
+    assert "(3 patients, 9 films, 4 level errors): 3 pairs both wrong (1 the same way)" in pairs
+    assert "patients all right 1, all wrong 1, mixed 1" in pairs
+    assert direction.endswith("3 of 4 put the region above the labels' (negative offset)")
