@@ -27,7 +27,7 @@ from spineseg.data.level_check import (
     shift_scores,
 )
 from spineseg.data.sources import build_source
-from spineseg.errors import DataError
+from spineseg.errors import ConfigError, DataError
 from spineseg.labels import level_value
 from spineseg.report.film_scores import agreement_text, by_label_agreement
 
@@ -187,6 +187,8 @@ def test_validate_data_warns_of_the_odd_film_and_writes_the_verdicts(tmp_path, f
     assert {k: (v.offset, v.agrees, v.films) for k, v in verdicts.items()} == {
         "p-0": (0, True, 3), "p-1": (1, False, 3), "p-2": (0, True, 3),
     }  # fmt: skip
+    with pytest.raises(ConfigError, match="level_offsets=True must be a file name"):
+        validate(_compose("data=folder", f"data.root={root}", "level_offsets=true"))
     # masks of the four target vertebrae only: one line saying why, and nothing written
     four = _folder(tmp_path / "four", film, ["Th8", "Th9", "Th10", "Th11"])
     (plain,) = validate(_compose("data=folder", f"data.root={four}", "check_levels=true"))

@@ -7,8 +7,8 @@ Loads the data (and `data.external`, when set) with on_error=skip so that every 
 listed at once, prints the report and exits 1 when there are errors. `export_masks=DIR`
 writes the derived label masks (uint8, 0 = background, 1..4 = Th8..Th11, original size) as
 DIR/<image stem>.png, and the external set's as DIR/external/<image stem>.png, to inspect
-them or to train other tools on them. `check_levels=true` checks each patient's films
-against each other on the level (`spineseg.data.level_check`): a film whose labels sit a
+them or to train other tools on them. `check_levels=true` checks each patient's films of
+`data` (not `data.external`) against each other on the level (`spineseg.data.level_check`): a film whose labels sit a
 level off its patient's other films is a warning, because a level error scored against it
 may be the label's; `level_offsets=FILE.csv` writes every checked film's verdict, which
 `spineseg-score label_offsets=FILE.csv` reads.
@@ -27,7 +27,14 @@ import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
 from spineseg.cli.common import flag, hydra_app
 from spineseg.data.sample import Sample
 from spineseg.data.sources import build_spec
-from spineseg.data.validate import Report, build_report, cross_check, format_report, level_issues
+from spineseg.data.validate import (
+    Issue,
+    Report,
+    build_report,
+    cross_check,
+    format_report,
+    level_issues,
+)
 from spineseg.errors import ConfigError, DataError
 from spineseg.labels import vertebra_labels
 from spineseg.utils.io import atomic_open
@@ -62,6 +69,8 @@ def validate(cfg: DictConfig) -> list[Report]:
         offsets = cfg.get("level_offsets")
     except OmegaConfBaseException as err:  # e.g. data.root=??? not set
         raise ConfigError(f"invalid configuration: {err}".splitlines()[0]) from None
+    if offsets is not None and not isinstance(offsets, str):
+        raise ConfigError(f"level_offsets={offsets!r} must be a file name, e.g. offsets.csv")
     levels = flag(cfg, "check_levels") or offsets is not None
     main, skipped = load(data)
     reports = [build_report(main, skipped, name=_title(data, "data"))]
@@ -82,7 +91,7 @@ def validate(cfg: DictConfig) -> list[Report]:
     return reports
 
 
-def check_levels_of(samples: list[Sample], report: Report, offsets: str | None) -> list:
+def check_levels_of(samples: list[Sample], report: Report, offsets: str | None) -> list[Issue]:
     """The level check's warnings; its summary goes to the report's notes, its verdicts to
     `offsets` (CSV) when asked."""
     from spineseg.data.level_check import write_offsets
