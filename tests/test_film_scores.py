@@ -151,6 +151,13 @@ def test_label_offsets_split_each_rate_by_the_level_check(scored_run, films, tmp
     err = capsys.readouterr().err.strip()
     assert "none.csv: not found: write it with spineseg-validate-data" in err
     assert len(err.splitlines()) == 1
+    write_offsets(
+        tmp_path / "other.csv", LevelCheck({"x": FilmCheck("x", "p", 2, 0, True, True)}, {}, 0)
+    )
+    with pytest.raises(SystemExit):  # before any film is scored
+        cli_main([f"run_dir={scored_run}", "device=cpu", f"label_offsets={tmp_path / 'other.csv'}"])
+    err = capsys.readouterr().err.strip()
+    assert "other.csv: none of the run's 3 val films is in it" in err
 
 
 def test_films_missing_from_the_source_are_named(tmp_path, films):

@@ -25,12 +25,12 @@ USAGE = "usage: spineseg-score run_dir=<dir> [split=val] [rules=[soft]] [key=val
 
 
 def _score(cfg: DictConfig) -> str:
-    from spineseg.data.level_check import read_offsets
     from spineseg.report.film_scores import (
         against,
         against_text,
         agreement_text,
         by_label_agreement,
+        label_verdicts,
         score_films,
         write_film_scores,
     )
@@ -40,7 +40,11 @@ def _score(cfg: DictConfig) -> str:
     if not isinstance(rules, list) or not rules or not all(isinstance(r, str) for r in rules):
         raise ConfigError(f"rules={cfg.rules!r} must be a list of rule names, e.g. rules=[soft]")
     check_whole("batch_size", cfg.batch_size, 1)
-    films = None if cfg.label_offsets is None else read_offsets(str(cfg.label_offsets))
+    films = (
+        None
+        if cfg.label_offsets is None
+        else label_verdicts(str(cfg.label_offsets), str(cfg.run_dir), str(cfg.split))
+    )
     per_image, results, meta = score_films(
         str(cfg.run_dir),
         str(cfg.split),
@@ -56,7 +60,7 @@ def _score(cfg: DictConfig) -> str:
         meta["against"] = compared
     agreeing = []
     if films is not None:
-        agreeing = by_label_agreement(per_image, films, str(cfg.label_offsets))
+        agreeing = by_label_agreement(per_image, films)
         meta["label_agreement"] = {"offsets": str(cfg.label_offsets), "rows": agreeing}
     out = write_film_scores(str(cfg.run_dir), per_image, results, meta)
     table = readme_table(results, levels=True, hd95=True, paired=True)

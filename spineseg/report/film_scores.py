@@ -347,24 +347,34 @@ def against_text(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def label_verdicts(path: str | Path, run_dir: str | Path, split: str) -> dict[str, FilmCheck]:
+    """The level check's verdicts (`spineseg-validate-data level_offsets=`), read and
+    matched against the run's `split` films before any film is scored."""
+    from spineseg.data.level_check import read_offsets
+    from spineseg.ensemble.store import PredictionStore
+
+    films = read_offsets(path)
+    store = PredictionStore(run_dir)
+    ids = {str(i) for i in store.truth(split).ids} if store.has_truth(split) else set()
+    if ids and not ids & set(films):
+        raise DataError(
+            path,
+            f"none of the run's {len(ids)} {split} films is in it: check the levels of the "
+            "run's own data (spineseg-validate-data data=... level_offsets=<csv>)",
+        )
+    return films
+
+
 def by_label_agreement(
-    per_image: pd.DataFrame, films: Mapping[str, FilmCheck], where: str | Path
+    per_image: pd.DataFrame, films: Mapping[str, FilmCheck]
 ) -> list[dict[str, Any]]:
     """Each method's Dice and level-error rate (Wilson 95% CI) on the films whose labels the
     level check (`spineseg.data.level_check`, its CSV) found agreeing with their patient's
     other films, differing, or could not check. Where labels differ, a level error may be the
-    label's; the rate on agreeing films is the one that speaks of the model. `where` names
-    the CSV the verdicts came from."""
+    label's; the rate on agreeing films is the one that speaks of the model."""
     from spineseg.data.level_check import AGREEMENT, agreement
     from spineseg.ensemble import stats
 
-    ids = set(per_image["id"].astype(str))
-    if not ids & set(films):
-        raise DataError(
-            where,
-            f"none of the {len(ids)} scored films is in it: check the levels of the run's own "
-            "data (spineseg-validate-data data=... level_offsets=<csv>)",
-        )
     group = per_image["id"].astype(str).map(lambda i: agreement(films, i))
     rows = []
     for method in dict.fromkeys(per_image["method"]):
