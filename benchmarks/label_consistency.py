@@ -17,10 +17,12 @@ each film's labels carry an offset, the shifts add up around three films of one 
 vote's `level_offset` in `film_scores/<split>/per_image.csv`) beside the label shifts: for
 every pair of films of one patient in those splits, the difference of the run's offsets
 against the difference of the labels' offsets, and the run's level-error rate on films whose
-labels agree or differ. `--leave-out OTHER_RUN` drops the films OTHER_RUN keeps for its test
-split (a run on another split, scored on films the main split tests on). A model that places the region where the patient's
-other films' labels put it follows the label shift (positive r, slope near 1). `--out CSV`
-writes every film's offset.
+labels agree or differ, and whether its errors on films whose labels agree cluster by
+patient (`patient_clustering`). `--leave-out OTHER_RUN` drops the films OTHER_RUN keeps for
+its test split (a run on another split, scored on films the main split tests on). A model
+that places the region where the patient's other films' labels put it follows the label
+shift (positive r, slope near 1). `--out CSV` writes every film's verdict, as
+`spineseg-validate-data level_offsets=CSV` does.
 
 The comparison needs a source that labels more than the four target vertebrae and gives
 films a patient (AASCE: the number in its file names).

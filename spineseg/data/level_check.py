@@ -218,7 +218,7 @@ def check_levels(
         offsets, scores = check_patient(patches[p])
         for (i, j), s in scores.items():
             pair_shift[p, i, j] = max(s, key=s.get)
-        ruled = settled(offsets)  # two films that differ: either may be off
+        ruled = settled(offsets)  # without a majority (two films that differ), none agrees
         for s, o in zip(g, offsets, strict=True):
             films[s.id] = FilmCheck(s.id, p, len(g), int(o), bool(o == 0 and ruled), ruled)
     return LevelCheck(films, pair_shift, len(samples) - len(films))
