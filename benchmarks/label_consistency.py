@@ -21,7 +21,8 @@ labels agree or differ, and whether its errors on films whose labels agree clust
 patient (`patient_clustering`). `--leave-out OTHER_RUN` drops the films OTHER_RUN keeps for
 its test split (a run on another split, scored on films the main split tests on). A model
 that places the region where the patient's other films' labels put it follows the label
-shift (positive r, slope near 1). `--out CSV` writes every film's verdict, as
+shift (positive r, slope near 1). `--against OTHER_RUN` compares the two runs on the same
+films (level errors, paired Dice difference). `--out CSV` writes every film's verdict, as
 `spineseg-validate-data level_offsets=CSV` does.
 
 The comparison needs a source that labels more than the four target vertebrae and gives
@@ -74,12 +75,12 @@ def closure(pair_shift: dict[tuple[str, int, int], int], patients: dict[str, int
     return hits / total if total else float("nan")
 
 
-def run_offsets(run_dir: Path, splits: list[str], leave_out: set[str]) -> dict[str, float]:
-    """The soft vote's per-film level offsets of a scored run (`spineseg-score`), over the
-    given splits, less the films in `leave_out`."""
+def soft_scores(run_dir: Path, splits: list[str], leave_out: set[str]):
+    """The soft vote's per-film rows (`dice`, `level_error`, `level_offset`, by id) of a
+    scored run (`spineseg-score`), over the given splits, less the films in `leave_out`."""
     import pandas as pd
 
-    out = {}
+    parts = []
     for split in splits:
         path = run_dir / "film_scores" / split / "per_image.csv"
         if not path.is_file():
@@ -87,9 +88,37 @@ def run_offsets(run_dir: Path, splits: list[str], leave_out: set[str]) -> dict[s
                 f"error: {path} not found: run `spineseg-score run_dir={run_dir} split={split}`"
             )
         table = pd.read_csv(path)
-        soft = table[table["method"] == "soft"].set_index("id")["level_offset"]
-        out.update({f: float(o) for f, o in soft.items() if f not in leave_out and np.isfinite(o)})
-    return out
+        parts.append(table[(table["method"] == "soft") & ~table["id"].isin(leave_out)])
+    return pd.concat(parts).set_index("id")
+
+
+def run_offsets(run_dir: Path, splits: list[str], leave_out: set[str]) -> dict[str, float]:
+    """The soft vote's per-film level offsets (finite ones: a film with no prediction has
+    none) of a scored run."""
+    soft = soft_scores(run_dir, splits, leave_out)["level_offset"]
+    return {f: float(o) for f, o in soft.items() if np.isfinite(o)}
+
+
+def compare_runs(run: Path, other: Path, splits: list[str], leave_out: set[str]) -> str:
+    """Two scored runs on the same films: level errors of each and of both, and the paired
+    Dice difference (bootstrap 95% CI over films, as `spineseg-score against=` gives it)."""
+    from spineseg.ensemble import stats
+    from spineseg.ensemble.evaluate import DEFAULTS
+
+    a, b = soft_scores(run, splits, leave_out), soft_scores(other, splits, leave_out)
+    if set(a.index) != set(b.index):
+        sys.exit(f"error: {run} and {other} score different films; --against needs the same")
+    b = b.loc[a.index]
+    diff = stats.paired_difference(
+        a["dice"], b["dice"], int(DEFAULTS["n_boot"]), seed=int(DEFAULTS["seed"])
+    )
+    ea, eb = a["level_error"].to_numpy(), b["level_error"].to_numpy()
+    return (
+        f"{run} against {other} on {len(a)} films: level errors {int(ea.sum())} against "
+        f"{int(eb.sum())} ({int((ea * eb).sum())} in both); Dice {a['dice'].mean():.3f} against "
+        f"{b['dice'].mean():.3f}, paired {diff['mean']:+.3f} [{diff['ci_low']:+.3f}, "
+        f"{diff['ci_high']:+.3f}]"
+    )
 
 
 def held_out_test(run_dir: Path) -> set[str]:
@@ -201,6 +230,9 @@ def main() -> None:
         help="a run directory whose test films are left out of --run's, so that a test split "
         "read once stays unread",
     )
+    ap.add_argument(
+        "--against", type=Path, help="with --run: another scored run, compared on the same films"
+    )
     ap.add_argument("--out", type=Path, help="write every film's offset to this CSV")
     args = ap.parse_args()
     try:
@@ -262,6 +294,8 @@ def main() -> None:
         leave_out = held_out_test(args.leave_out) if args.leave_out is not None else set()
         run = run_offsets(args.run, args.split, leave_out)
         print("\n".join(compare_run(run, films, f"{args.run} ({', '.join(args.split)})")))
+        if args.against is not None:
+            print(compare_runs(args.run, args.against, args.split, leave_out))
 
 
 if __name__ == "__main__":

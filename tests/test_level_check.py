@@ -33,7 +33,7 @@ from spineseg.report.film_scores import agreement_text, by_label_agreement
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from label_consistency import closure, patient_clustering  # noqa: E402
+from label_consistency import closure, compare_runs, patient_clustering  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +240,20 @@ def test_patient_clustering_counts_pairs_of_one_patients_errors() -> None:
     assert "(3 patients, 9 films, 4 level errors): 3 pairs both wrong (1 the same way)" in pairs
     assert "patients all right 1, all wrong 1, mixed 1" in pairs
     assert direction.endswith("3 of 4 put the region above the labels' (negative offset)")
+
+
+def test_compare_runs_pairs_the_same_films_less_the_left_out(tmp_path) -> None:
+    def scored(name: str, dice: list[float], errors: list[int]) -> Path:
+        folder = tmp_path / name / "film_scores" / "val"
+        folder.mkdir(parents=True)
+        pd.DataFrame({
+            "method": ["soft"] * 4 + ["best_single"] * 4, "id": list("abcd") * 2,
+            "dice": dice * 2, "level_error": errors * 2, "level_offset": [0.0] * 8,
+        }).to_csv(folder / "per_image.csv", index=False)  # fmt: skip
+        return tmp_path / name
+
+    a = scored("a", [0.9, 0.8, 0.7, 0.1], [0, 1, 1, 1])
+    b = scored("b", [0.8, 0.7, 0.6, 0.9], [0, 0, 1, 0])
+    line = compare_runs(a, b, ["val"], {"d"})
+    assert "on 3 films: level errors 2 against 1 (1 in both); Dice 0.800 against 0.700" in line
+    assert "paired +0.100 [+0.100, +0.100]" in line
