@@ -102,22 +102,18 @@ def run_offsets(run_dir: Path, splits: list[str], leave_out: set[str]) -> dict[s
 def compare_runs(run: Path, other: Path, splits: list[str], leave_out: set[str]) -> str:
     """Two scored runs on the same films: level errors of each and of both, and the paired
     Dice difference (bootstrap 95% CI over films, as `spineseg-score against=` gives it)."""
-    from spineseg.ensemble import stats
-    from spineseg.ensemble.evaluate import DEFAULTS
+    from spineseg.report.film_scores import paired
 
     a, b = soft_scores(run, splits, leave_out), soft_scores(other, splits, leave_out)
     if set(a.index) != set(b.index):
         sys.exit(f"error: {run} and {other} score different films; --against needs the same")
     b = b.loc[a.index]
-    diff = stats.paired_difference(
-        a["dice"], b["dice"], int(DEFAULTS["n_boot"]), seed=int(DEFAULTS["seed"])
-    )
-    ea, eb = a["level_error"].to_numpy(), b["level_error"].to_numpy()
+    r = paired(a, b)
     return (
-        f"{run} against {other} on {len(a)} films: level errors {int(ea.sum())} against "
-        f"{int(eb.sum())} ({int((ea * eb).sum())} in both); Dice {a['dice'].mean():.3f} against "
-        f"{b['dice'].mean():.3f}, paired {diff['mean']:+.3f} [{diff['ci_low']:+.3f}, "
-        f"{diff['ci_high']:+.3f}]"
+        f"{run} against {other} on {r['n']} films: level errors {r['level_errors']} against "
+        f"{r['other_level_errors']} ({r['level_errors_both']} in both); Dice "
+        f"{a['dice'].mean():.3f} against {b['dice'].mean():.3f}, paired {r['dice_diff']:+.3f} "
+        f"[{r['dice_diff_ci_low']:+.3f}, {r['dice_diff_ci_high']:+.3f}]"
     )
 
 
@@ -162,11 +158,10 @@ def compare_run(run: dict[str, float], films: dict[str, FilmCheck], where: str) 
             f"  on the disagreeing pairs the run moves with the labels' shift on "
             f"{int(follows.sum())} of {int(shifted.sum())}"
         )
-    for key, what in (("unchecked", AGREEMENT["unchecked"]), ("agree", AGREEMENT["agree"]),
-                      ("differ", AGREEMENT["differ"])):  # fmt: skip
+    for key in ("unchecked", "agree", "differ"):
         ids = [f for f in run if agreement(films, f) == key]
         if ids:
-            lines.append(_line(f"  films {what}", _rate(np.array([run[f] for f in ids]))))
+            lines.append(_line(f"  films {AGREEMENT[key]}", _rate(np.array([run[f] for f in ids]))))
     return lines + patient_clustering(run, films)
 
 

@@ -302,8 +302,6 @@ def against(
     """Each method against the same method of another run's film scores on the same films:
     the paired Dice difference (bootstrap 95% CI over films), Wilcoxon p and level errors.
     At the films' resolution two runs compare whatever their working sizes or crops."""
-    from spineseg.ensemble import stats
-
     path = film_scores_dir(other_run, split) / "per_image.csv"
     if not path.is_file():
         raise StoreError(f"{path} does not exist: run `spineseg-score run_dir={other_run}` first")
@@ -320,20 +318,26 @@ def against(
                 f"{path}: scores {len(b)} {split} films, this run {len(a)}; a paired comparison "
                 "needs the same films (the same data and splits.csv)"
             )
-        b = b.loc[a.index]
-        diff = stats.paired_difference(
-            a["dice"], b["dice"], int(DEFAULTS["n_boot"]), seed=int(DEFAULTS["seed"])
-        )
-        ea, eb = a["level_error"].to_numpy(), b["level_error"].to_numpy()
-        out.append({
-            "method": method, "other_run": str(other_run), "n": len(a),
-            "dice_diff": diff["mean"], "dice_diff_ci_low": diff["ci_low"],
-            "dice_diff_ci_high": diff["ci_high"],
-            "p_value": stats.paired_wilcoxon(a["dice"], b["dice"]),
-            "level_errors": int(np.nansum(ea)), "other_level_errors": int(np.nansum(eb)),
-            "level_errors_both": int(np.nansum(ea * eb)),
-        })  # fmt: skip
+        out.append({"method": method, "other_run": str(other_run), **paired(a, b.loc[a.index])})
     return out
+
+
+def paired(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
+    """Two runs' per-film rows (`dice`, `level_error`) on the same films, in the same order:
+    the paired Dice difference a - b (bootstrap 95% CI over films), Wilcoxon p and the level
+    errors of each and of both."""
+    from spineseg.ensemble import stats
+
+    diff = stats.paired_difference(
+        a["dice"], b["dice"], int(DEFAULTS["n_boot"]), seed=int(DEFAULTS["seed"])
+    )
+    ea, eb = a["level_error"].to_numpy(), b["level_error"].to_numpy()
+    return {
+        "n": len(a), "dice_diff": diff["mean"], "dice_diff_ci_low": diff["ci_low"],
+        "dice_diff_ci_high": diff["ci_high"], "p_value": stats.paired_wilcoxon(a["dice"], b["dice"]),
+        "level_errors": int(np.nansum(ea)), "other_level_errors": int(np.nansum(eb)),
+        "level_errors_both": int(np.nansum(ea * eb)),
+    }  # fmt: skip
 
 
 def against_text(rows: Sequence[dict[str, Any]]) -> str:
