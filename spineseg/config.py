@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["APPS_DIR", "CONF_DIR", "build", "compose", "construct", "group"]
+__all__ = ["APPS_DIR", "CONF_DIR", "build", "compose", "construct", "group", "instantiate_node"]
 
 
 def _conf_dir() -> str:
@@ -79,6 +79,28 @@ def construct(node: DictConfig, **extra: Any) -> Any:
     kwargs = OmegaConf.to_container(node, resolve=True)
     cls = hydra.utils.get_class(kwargs.pop("_target_"))  # type: ignore[union-attr]
     return cls(**{**kwargs, **extra})  # type: ignore[arg-type]
+
+
+def instantiate_node(node: DictConfig | Mapping[str, Any], key: str, **extra: Any) -> Any:
+    """`hydra.utils.instantiate` for a node whose values the user sets (the trainer, its
+    callbacks, loggers, optimiser and scheduler): a value the target refuses (`trainer.precision=17`) is one line
+    naming the node and the target's own reason, not Hydra's paragraph and a traceback."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    from spineseg.errors import ConfigError, SpinesegError
+
+    try:
+        return hydra.utils.instantiate(node, **extra)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, SpinesegError):
+            raise cause from None
+        target = node.get("_target_", "?")
+        reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
+        raise ConfigError(
+            f"{key} ({target}) refused its settings: {' '.join(reason.split())}"
+        ) from err
 
 
 def build(node: str, overrides: Sequence[str] = (), **extra: Any) -> Any:

@@ -16,7 +16,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import hydra.utils
 import lightning as L
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from spineseg.checks import check_run
-from spineseg.config import construct
+from spineseg.config import construct, instantiate_node
 from spineseg.data.datamodule import SpineDataModule
 from spineseg.ensemble import tta as TTA
 from spineseg.ensemble.store import PredictionStore
@@ -119,13 +118,16 @@ def build_module(cfg: DictConfig, pretrained: bool = True) -> SegmentationModule
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
+    def made(key: str, node: DictConfig, **extra: Any) -> Any:
+        return instantiate_node(node, key, **extra)
+
     callbacks = [
-        hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None
+        made(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items() if c is not None
     ]
     loggers = [
-        hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None
+        made(f"logger.{k}", c) for k, c in (cfg.get("logger") or {}).items() if c is not None
     ]
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return made("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def write_truth(store: PredictionStore, dm: SpineDataModule) -> None:
@@ -173,6 +175,15 @@ def _checkpoint_callback(trainer: L.Trainer) -> Any:
     return next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
 
 
+def _holds_training(manifest: dict | None, job_dir: Path) -> bool:
+    """Whether a model's folder holds work another config would lose: a finished model, or a
+    checkpoint to resume from. An attempt that failed before its first checkpoint (a value
+    the optimiser or the trainer refused) holds nothing, so a corrected rerun may start."""
+    if (manifest or {}).get("status") == "complete":
+        return True
+    return any((job_dir / "checkpoints").glob("*.ckpt*"))
+
+
 #: Job folders this process holds (kept open: the lock lasts as long as the process).
 _LOCKS: dict[str, Any] = {}
 
@@ -188,9 +199,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     manifest = store.read_manifest(name)
     recorded = (manifest or {}).get("config_hash")  # None: it failed before it started
     if recorded not in (None, digest) and not cfg.get("overwrite"):
-        raise RefusedError(
-            f"{run_dir} already holds model {name!r} trained with another config; choose a new "
-            "run name (run=...) or pass overwrite=true to retrain it"
+        if _holds_training(manifest, job_dir):
+            raise RefusedError(
+                f"{run_dir} already holds model {name!r} trained with another config; choose "
+                "a new run name (run=...) or pass overwrite=true to retrain it"
+            )
+        log.info(
+            "%s: the earlier attempt with another config stopped before anything was trained "
+            "(%s); training it with this one",
+            name,
+            (manifest or {}).get("error") or (manifest or {}).get("status"),
         )
 
     dm: SpineDataModule = construct(cfg.data, run_dir=str(run_dir))

@@ -131,3 +131,39 @@ def test_a_bad_override_beside_cfg_job_or_help_is_one_line(capsys, tmp_path, mon
     assert code == 1 and err.strip().count("\n") == 0 and "no_such_option" in err, err
     code, out, _ = _run("spineseg-train", ["--help"], capsys)
     assert code == 0 and out.startswith("usage: spineseg-train")
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        # a key one level down lists that level's keys and where the name does live
+        ("module.lr=1e-4", "valid keys of module: _target_, name, "),
+        ("module.lr=1e-4", "(did you mean module.optimizer.lr?)"),
+        ("trainer.max_epoch=3", "(did you mean trainer.max_epochs?)"),
+        # a config group's preset set as if it were a key
+        ("callbacks.early_stopping.patience=3", "(callbacks=early_stopping picks that preset)"),
+    ],
+)
+def test_an_unknown_nested_key_names_its_node_and_the_likely_key(
+    override, says, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run("spineseg-train", ["experiment=tiny", override], capsys)
+    assert code == 1 and err.strip().count("\n") == 0, err
+    assert says in err
+    assert "valid keys: name, run" not in err  # not the top level's keys
+
+
+def test_a_trainer_setting_lightning_refuses_is_one_line_naming_the_node(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from spineseg.errors import ConfigError
+    from spineseg.train import build_trainer
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.precision=17", "logger=none",
+                                          f"paths.output_dir={tmp_path}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^trainer \(lightning.Trainer\) refused its settings: "
+                       r"ValueError: Precision 17 is invalid") as caught:  # fmt: skip
+        build_trainer(cfg)
+    assert "\n" not in str(caught.value)

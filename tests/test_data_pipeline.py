@@ -97,6 +97,14 @@ def test_unknown_presets_name_the_choices(tmp_path):
         _dm(tmp_path, augment="heavy")
 
 
+def test_an_option_the_source_does_not_take_names_it_and_the_choices():
+    from spineseg.data.sources import build_source
+
+    with pytest.raises(ConfigError, match=r"the synthetic source takes no option 'root' .*"
+                       r"its options: n, domain, seed, height, width$"):  # fmt: skip
+        build_source("synthetic", root="/films", n=4)
+
+
 def test_datamodule_splits_batches_and_cache(tmp_path):
     dm = _dm(tmp_path)
     dm.setup()

@@ -74,7 +74,22 @@ def test_a_refused_rerun_leaves_the_finished_model_as_it_was(finished: Path) -> 
     assert manifest["status"] == "complete"
 
 
-def test_one_job_folder_one_writer(finished: Path) -> None:
+def test_only_a_model_with_something_to_lose_refuses_another_config(tmp_path: Path) -> None:
+    """A finished model or one with a checkpoint is kept from another config; an attempt that
+    stopped before its first checkpoint (the optimiser refused a value) lets the corrected
+    command train."""
+    from spineseg.train import _holds_training
+
+    job = tmp_path / "jobs" / "unet_lite0"
+    failed = {"status": "failed", "error": "ConfigError: module.optimizer ... learning rate"}
+    assert not _holds_training(failed, job) and not _holds_training(None, job)
+    assert _holds_training({"status": "complete"}, job)
+    (job / "checkpoints").mkdir(parents=True)
+    (job / "checkpoints" / "last.ckpt.torn-20261203T110000").write_bytes(b"x")
+    assert _holds_training(failed, job)  # even a torn checkpoint is kept for inspection
+
+
+def test_one_job_folder_one_writer(finished: Path, restore_logging) -> None:
     job = finished / "out" / "faults" / "default" / "jobs" / "unet_lite0"
     held = hold_lock(job, "a test")  # as a training in another process would
     try:
@@ -410,7 +425,9 @@ def test_where_paths_cannot_be_exchanged_two_renames_and_a_recovery_do(
 
 
 # ----------------------------------------------------------------------------- predict
-def test_predict_refuses_a_pickled_checkpoint_and_writing_into_the_input(tmp_path, capsys) -> None:
+def test_predict_refuses_a_pickled_checkpoint_and_writing_into_the_input(
+    tmp_path, capsys, restore_logging
+) -> None:
     import cv2
     import torch
     from test_predict import film, make_run

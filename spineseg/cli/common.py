@@ -8,9 +8,10 @@ import functools
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from spineseg.config import CONF_DIR
 from spineseg.errors import SpinesegError
@@ -143,8 +144,7 @@ def check_overrides(config_name: str, overrides: Sequence[str], config_dir: str 
     except (HydraException, OmegaConfBaseException) as err:
         message = hydra_error_line(err)
         if "not in struct" in message:
-            keys = [k for k in compose((), config_name, config_dir) if k != "hydra"]
-            message += f"; valid keys: {', '.join(keys)}"
+            message += unknown_key_hint(message, overrides, config_name, config_dir)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except ValueError as err:  # Hydra's defaults list: a config group set to null
@@ -152,6 +152,58 @@ def check_overrides(config_name: str, overrides: Sequence[str], config_dir: str 
         hint = f" ({nulls[0]}=null: a config group takes one of its options; ~{nulls[0]} drops it)"
         print(f"error: {err}{hint if nulls else ''}", file=sys.stderr)
         sys.exit(1)
+
+
+def unknown_key_hint(
+    message: str, overrides: Sequence[str], config_name: str, config_dir: str = CONF_DIR
+) -> str:
+    """For Hydra's "Key 'x' is not in struct": the keys of the node the override reaches into
+    (`module.lr` lists `module`'s, not the top level's), and where a key of that name does
+    live (`module.optimizer.lr`) or the nearest spelling of it."""
+    import difflib
+    import re
+
+    from spineseg.config import compose
+
+    found = re.search(r"Could not override '([^']+)'", message)
+    key = found.group(1).lstrip("+~") if found else ""
+    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") != key]
+    try:
+        cfg = compose(rest, config_name, config_dir)
+    except Exception:  # the other overrides fail too: their own error comes next
+        cfg = compose((), config_name, config_dir)
+    tree: dict = OmegaConf.to_container(cfg, resolve=False)  # type: ignore[assignment]
+    tree.pop("hydra", None)
+    # the deepest node the key reaches; its first missing part is the unknown key
+    node, reached, leaf = tree, [], key
+    for part in key.split("."):
+        leaf = part
+        if not isinstance(node.get(part), dict):
+            break
+        node = node[part]
+        reached.append(part)
+    parent = ".".join(reached)
+    hint = f"; valid keys{f' of {parent}' if parent else ''}: {', '.join(map(str, node))}"
+    elsewhere = [p for p in _key_paths(tree) if p.rpartition(".")[2] == leaf]
+    close = difflib.get_close_matches(leaf, [str(k) for k in node], n=1)
+    if parent and (Path(config_dir) / parent / f"{leaf}.yaml").is_file():
+        hint += f" ({parent}={leaf} picks that preset)"
+    elif elsewhere:
+        hint += f" (did you mean {' or '.join(elsewhere[:3])}?)"
+    elif close:
+        hint += f" (did you mean {'.'.join(filter(None, [parent, close[0]]))}?)"
+    return hint
+
+
+def _key_paths(tree: Any, prefix: str = "") -> list[str]:
+    """Every key of a nested dict as a dotted path."""
+    if not isinstance(tree, dict):
+        return []
+    paths = []
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        paths += [path, *_key_paths(v, f"{path}.")]
+    return paths
 
 
 def hydra_error_line(err: BaseException) -> str:

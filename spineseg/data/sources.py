@@ -6,6 +6,7 @@ config flat: `data.source=aasce data.root=/path` picks `SOURCES["aasce"]`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,7 +35,28 @@ def build_source(name: str, **kwargs: Any) -> list[Sample]:
     _import_builtin_sources()
     if name not in SOURCES:
         raise ConfigError(choices_message("data source", name, list(SOURCES)))
-    return SOURCES[name](**kwargs)
+    fn = SOURCES[name]
+    _check_options(name, fn, kwargs)
+    return fn(**kwargs)
+
+
+#: Every source takes these from the pipeline, not from the user's config.
+_PIPELINE_OPTIONS = ("on_error", "skipped")
+
+
+def _check_options(name: str, fn: SourceFn, kwargs: Mapping[str, Any]) -> None:
+    """An option the source does not take (`data.root` with the synthetic source, a typo in
+    `data.source_kwargs`) is one line naming it and the source's options, not a TypeError."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        own = [p for p in params if p not in _PIPELINE_OPTIONS]
+        raise ConfigError(
+            f"the {name} source takes no option {', '.join(map(repr, unknown))} (data.root, "
+            f"data.split or a key of data.source_kwargs); its options: {', '.join(own)}"
+        )
 
 
 def spec_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:

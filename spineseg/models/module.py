@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra.utils
 import lightning as L
 import torch
 from torchmetrics import MetricCollection
 
+from spineseg.config import instantiate_node
 from spineseg.ensemble import tta as TTA
 from spineseg.labels import check_target
 from spineseg.models import levels as LV
@@ -196,13 +196,13 @@ class SegmentationModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         opt_cfg = dict(self.hparams.optimizer)
-        optimizer = hydra.utils.instantiate(opt_cfg, params=self.parameters())
+        optimizer = instantiate_node(opt_cfg, "module.optimizer", params=self.parameters())
         sched_cfg = self.hparams.scheduler
         if not sched_cfg:
             return optimizer
         sched_cfg = dict(sched_cfg)
         interval = sched_cfg.pop("interval", "epoch")
-        scheduler = hydra.utils.instantiate(sched_cfg, optimizer=optimizer)
+        scheduler = instantiate_node(sched_cfg, "module.scheduler", optimizer=optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": interval},
