@@ -18,6 +18,19 @@ os.environ.setdefault("SPINESEG_PROGRESS", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _no_handler_on_a_closed_stream():
+    """After every test: drop the handlers left writing to a stream pytest has closed (an
+    in-process app configured logging onto its captured stderr), so that no later test's
+    one-line error gains a "--- Logging error ---" paragraph, whatever the order of tests."""
+    yield
+    for lg in [logging.getLogger(), *logging.root.manager.loggerDict.values()]:
+        if isinstance(lg, logging.Logger):
+            for handler in lg.handlers[:]:
+                if getattr(getattr(handler, "stream", None), "closed", False):
+                    lg.removeHandler(handler)
+
+
 @pytest.fixture
 def restore_logging():
     """An in-process Hydra app configures logging onto pytest's captured streams; put every
