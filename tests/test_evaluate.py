@@ -183,6 +183,8 @@ def test_config_is_validated():
         ensemble_config({"topk": 3})
     with pytest.raises(ConfigError, match="chunk_size"):
         ensemble_config({"chunk_size": 0})
+    with pytest.raises(ConfigError, match=r"ensemble\.tta 'rot'; valid choices: flip, none, val$"):
+        ensemble_config({"tta": "rot"})  # val, the default, is among the choices
 
 
 def test_greedy_and_tuned_thresholds_end_to_end(tmp_path):

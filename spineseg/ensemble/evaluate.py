@@ -103,8 +103,8 @@ def ensemble_config(cfg: Any = None) -> dict[str, Any]:
     for rule in out["rules"]:
         rules.get(rule)
     out["postprocess"] = postprocess.check_names([p for p in out["postprocess"] if p != "none"])
-    if out["tta"] != "val":
-        tta.check(str(out["tta"]))
+    if out["tta"] not in (VAL, *tta.VARIANTS):  # val: the variant validation scores best
+        raise ConfigError(choices_message("ensemble.tta", out["tta"], [VAL, *tta.VARIANTS]))
     out["splits"] = list(out["splits"])
     for split in out["splits"]:
         if split not in SPLITS:
