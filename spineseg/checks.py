@@ -4,6 +4,7 @@ weight is loaded (and before a sweep of 20 models starts, not after it)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -60,5 +61,23 @@ def check_run(cfg: DictConfig) -> None:
     check_encoder(str(cfg.model.encoder))
     resolve_workers(cfg.data.get("num_workers", "auto"))
     check_stage1_run(cfg.data.get("crop"))
+    check_roots(cfg.data)
     if cfg.get("ensemble") is not None:
         ensemble_config(cfg.ensemble)
+
+
+def check_roots(data: DictConfig) -> None:
+    """A dataset folder that does not exist stops the run (every job of a sweep) in one line
+    naming the option, before anything trains; a relative path is read from where the command
+    runs, which the line says, since that is the usual cause."""
+    for key, spec in (("data", data), ("data.external", data.get("external"))):
+        root = spec.get("root") if spec else None
+        if root is None:
+            continue
+        path = Path(str(root)).expanduser()
+        if not path.exists():
+            where = "" if path.is_absolute() else f" (a relative path is read from {Path.cwd()})"
+            raise ConfigError(
+                f"{key}.root={root} does not exist{where}; pass {key}.root=<the folder of the "
+                f"{spec.get('source')} dataset>"
+            )

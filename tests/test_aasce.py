@@ -327,6 +327,8 @@ def test_malformed_landmarks_csv(tmp_path, edit, fragment):
 def test_bad_root(tmp_path):
     with pytest.raises(DataError, match="not an AASCE tree"):
         aasce_source(root=tmp_path)
+    with pytest.raises(DataError, match=r"nowhere: folder not found; data\.root is the AASCE"):
+        aasce_source(root=tmp_path / "nowhere")
     with pytest.raises(ConfigError, match=r"data\.root"):
         aasce_source(root=None)
     (tmp_path / "data/training").mkdir(parents=True)

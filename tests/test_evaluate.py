@@ -25,6 +25,7 @@ from spineseg.ensemble.evaluate import (
     run_ensemble,
 )
 from spineseg.ensemble.hydra_callback import EnsembleOnMultirunEnd
+from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import ConfigError, StoreError
 from spineseg.names import BEST
 
@@ -224,6 +225,18 @@ def test_hydra_callback_runs_and_a_failure_exits_non_zero(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 1 and err.count("\n") == 0
     assert "ensemble of" in err and "does not exist" in err and "spineseg-ensemble run_dir=" in err
+
+    failed = tmp_path / "failed"  # no model finished: the last line says why they failed
+    for name, error in (("m0", "ConfigError: lr"), ("m1", "ConfigError: lr")):
+        PredictionStore(failed).write_manifest(name, {"status": "failed", "error": error})
+    cfg.hydra.sweep.dir = str(failed)
+    with pytest.raises(SystemExit) as stop:
+        EnsembleOnMultirunEnd().on_multirun_end(cfg)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 1 and err == (
+        f"error: none of the 2 model(s) of {failed} finished, so there is nothing to ensemble: "
+        "ConfigError: lr"
+    )
 
     cfg.ensemble.enabled = False
     (tmp_path / "ensemble" / "results.csv").unlink()

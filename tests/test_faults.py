@@ -476,6 +476,23 @@ def test_a_bad_value_is_one_line_before_any_data_loads(tmp_path, override, said)
     assert not (tmp_path / "cache").exists()  # checked before a single film was decoded
 
 
+def test_a_dataset_folder_that_does_not_exist_is_one_line_before_anything_runs(
+    tmp_path, monkeypatch
+) -> None:
+    from spineseg.checks import check_run
+    from spineseg.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        check_run(_cfg(tmp_path, "data=folder", "data.root=films", "data.external=null"))
+    assert str(info.value) == (
+        f"data.root=films does not exist (a relative path is read from {tmp_path}); "
+        "pass data.root=<the folder of the folder dataset>"
+    )
+    with pytest.raises(ConfigError, match=r"^data\.external\.root=/no/such/site does not exist; "):
+        check_run(_cfg(tmp_path, "+data.external.root=/no/such/site"))
+
+
 def test_a_sweep_with_one_bad_job_is_refused_before_the_first_runs(tmp_path: Path) -> None:
     res = _train(tmp_path, "model=unet_lite0,fpn_lite0", "data.batch_size=2,0", multirun=True)
     assert res.returncode == 1 and "Traceback" not in res.stderr

@@ -135,10 +135,12 @@ def study(cfg: DictConfig) -> Path:
         "b-d) sweep, selection on validation, every rule", [*train, "-m", *overrides, *sweep]
     )
     if code:
-        raise SpinesegError(
-            f"the sweep exited with {code} (its last line says why); the models' logs are "
-            f"{run_dir}/jobs/*/train.log"
+        logs = (
+            f"; the models' logs are {run_dir}/jobs/*/train.log"
+            if any(run_dir.glob("jobs/*/train.log"))
+            else ""
         )
+        raise SpinesegError(f"the sweep exited with {code} (its last line says why){logs}")
     if not (run_dir / ENSEMBLE_DIR / "results.csv").exists() and cfg.ensemble.enabled:
         ens = [o for o in overrides if o.startswith("ensemble.")]
         if _run(

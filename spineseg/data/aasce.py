@@ -104,6 +104,9 @@ def aasce_source(
     if root is None:
         raise ConfigError("the aasce source needs data.root (or SPINESEG_AASCE_ROOT)")
     root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(root, f"folder not found; data.root is the AASCE folder holding "
+                              f"data/{split}/ and labels/{split}/")  # fmt: skip
     image_dir, label_dir = root / "data" / split, root / "labels" / split
     for folder in (image_dir, label_dir):
         if not folder.is_dir():

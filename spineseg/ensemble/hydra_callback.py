@@ -27,6 +27,7 @@ class EnsembleOnMultirunEnd(Callback):
             log.info("ensemble disabled: skipped")
             return
         run_dir = OmegaConf.select(config, "hydra.sweep.dir", throw_on_missing=True)
+        nothing_finished(run_dir)
         try:
             from spineseg.ensemble.evaluate import run_ensemble
 
@@ -40,3 +41,24 @@ class EnsembleOnMultirunEnd(Callback):
             )
             sys.exit(1)
         log.info("ensemble of %s: %d result rows in %s/ensemble", run_dir, len(results), run_dir)
+
+
+def nothing_finished(run_dir: str) -> None:
+    """When no model of the sweep finished there is nothing to ensemble: the last line says
+    why the models failed (their errors, once each), not that the store is empty."""
+    from spineseg.ensemble.store import PredictionStore
+
+    store = PredictionStore(run_dir)
+    if not store.root.is_dir() or store.models():
+        return  # a store without models, or with finished ones: the ensemble's own message
+    manifests = [store.read_manifest(m) or {} for m in store.models(status=None)]
+    errors = sorted({m["error"] for m in manifests if m.get("error")})
+    if not manifests:
+        return
+    reason = "; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
+    print(
+        f"error: none of the {len(manifests)} model(s) of {run_dir} finished, so there is "
+        f"nothing to ensemble: {reason or 'see sweep_summary.md'}",
+        file=sys.stderr,
+    )
+    sys.exit(1)
