@@ -140,6 +140,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     import onnx
 
     path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path}: file not found (model= is the .onnx file spineseg-export wrote)")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError and friends

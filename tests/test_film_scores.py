@@ -120,6 +120,7 @@ def test_the_cli_prints_the_table_and_bad_options_are_one_line(scored_run, capsy
         (["split=train"], "split"),
         (["split=test"], "no 'test' split; there: val"),
         (["atlas=maybe"], "atlas='maybe' must be true or false"),
+        (["data_root=/films"], "come from the synthetic source, which reads no folder"),
     ):
         with pytest.raises(SystemExit):
             cli_main([f"run_dir={scored_run}", "device=cpu", *args])

@@ -75,3 +75,5 @@ def test_a_graph_from_another_run_and_staple_are_refused(exported, tmp_path) -> 
     (tmp_path / "junk.onnx").write_bytes(b"not a graph")
     with pytest.raises(StoreError, match=r"junk\.onnx: not an ONNX file"):
         read_metadata(tmp_path / "junk.onnx")
+    with pytest.raises(StoreError, match=r"gone\.onnx: file not found \(model= is the \.onnx"):
+        read_metadata(tmp_path / "gone.onnx")

@@ -139,6 +139,11 @@ def _source_films(
     data = run_data(run_dir, selection)
     spec = dict(data.get("external") or {}) if external else dict(data)
     if data_root is not None:
+        if spec.get("root") is None:
+            raise ConfigError(
+                f"data_root={data_root}: the films of this run come from the "
+                f"{spec.get('source')} source, which reads no folder; leave data_root out"
+            )
         spec["root"] = data_root
     skipped: list = []
     every = {i for ids in wanted.values() for i in ids}
