@@ -78,6 +78,6 @@ def check_roots(data: DictConfig) -> None:
         if not path.exists():
             where = "" if path.is_absolute() else f" (a relative path is read from {Path.cwd()})"
             raise ConfigError(
-                f"{key}.root={root} does not exist{where}; pass {key}.root=<the folder of the "
-                f"{spec.get('source')} dataset>"
+                f"{key}.root={root} does not exist{where}; set {key}.root to the folder of "
+                f"your {spec.get('source')} data"
             )

@@ -83,8 +83,9 @@ def construct(node: DictConfig, **extra: Any) -> Any:
 
 def instantiate_node(node: DictConfig | Mapping[str, Any], key: str, **extra: Any) -> Any:
     """`hydra.utils.instantiate` for a node whose values the user sets (the trainer, its
-    callbacks, loggers, optimiser and scheduler): a value the target refuses (`trainer.precision=17`) is one line
-    naming the node and the target's own reason, not Hydra's paragraph and a traceback."""
+    callbacks and loggers, the optimiser and scheduler): a value the target refuses
+    (`trainer.precision=17`) is one line naming the node and the target's own reason, not
+    Hydra's paragraph and a traceback."""
     import hydra
     from hydra.errors import InstantiationException
 

@@ -118,16 +118,13 @@ def build_module(cfg: DictConfig, pretrained: bool = True) -> SegmentationModule
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    def made(key: str, node: DictConfig, **extra: Any) -> Any:
-        return instantiate_node(node, key, **extra)
+    def built(group: str) -> list[Any]:
+        nodes = (cfg.get(group) or {}).items()
+        return [instantiate_node(c, f"{group}.{k}") for k, c in nodes if c is not None]
 
-    callbacks = [
-        made(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items() if c is not None
-    ]
-    loggers = [
-        made(f"logger.{k}", c) for k, c in (cfg.get("logger") or {}).items() if c is not None
-    ]
-    return made("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return instantiate_node(
+        cfg.trainer, "trainer", callbacks=built("callbacks"), logger=built("logger") or False
+    )
 
 
 def write_truth(store: PredictionStore, dm: SpineDataModule) -> None:

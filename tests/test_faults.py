@@ -80,10 +80,21 @@ def test_only_a_model_with_something_to_lose_refuses_another_config(tmp_path: Pa
     command train."""
     from spineseg.train import _holds_training
 
+    res = _train(tmp_path, "module.optimizer.lr=-1")
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        "error: module.optimizer (torch.optim.AdamW) refused its settings: "
+        "ValueError: Invalid learning rate: -1"
+    ]
+    run = tmp_path / "out" / "faults" / "default"
+    manifest = json.loads((run / "predictions" / "unet_lite0" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert _train(tmp_path).returncode == 0  # the corrected command: nothing was lost
+    manifest = json.loads((run / "predictions" / "unet_lite0" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["error"] is None
+
     job = tmp_path / "jobs" / "unet_lite0"
     failed = {"status": "failed", "error": "ConfigError: module.optimizer ... learning rate"}
-    assert not _holds_training(failed, job) and not _holds_training(None, job)
-    assert _holds_training({"status": "complete"}, job)
+    assert not _holds_training(failed, job) and _holds_training({"status": "complete"}, job)
     (job / "checkpoints").mkdir(parents=True)
     (job / "checkpoints" / "last.ckpt.torn-20261203T110000").write_bytes(b"x")
     assert _holds_training(failed, job)  # even a torn checkpoint is kept for inspection
@@ -487,7 +498,7 @@ def test_a_dataset_folder_that_does_not_exist_is_one_line_before_anything_runs(
         check_run(_cfg(tmp_path, "data=folder", "data.root=films", "data.external=null"))
     assert str(info.value) == (
         f"data.root=films does not exist (a relative path is read from {tmp_path}); "
-        "pass data.root=<the folder of the folder dataset>"
+        "set data.root to the folder of your folder data"
     )
     with pytest.raises(ConfigError, match=r"^data\.external\.root=/no/such/site does not exist; "):
         check_run(_cfg(tmp_path, "+data.external.root=/no/such/site"))

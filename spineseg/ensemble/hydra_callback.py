@@ -49,12 +49,10 @@ def nothing_finished(run_dir: str) -> None:
     from spineseg.ensemble.store import PredictionStore
 
     store = PredictionStore(run_dir)
-    if not store.root.is_dir() or store.models():
-        return  # a store without models, or with finished ones: the ensemble's own message
     manifests = [store.read_manifest(m) or {} for m in store.models(status=None)]
+    if not manifests or store.models():
+        return  # no model folder, or finished models: the ensemble's own message applies
     errors = sorted({m["error"] for m in manifests if m.get("error")})
-    if not manifests:
-        return
     reason = "; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
     print(
         f"error: none of the {len(manifests)} model(s) of {run_dir} finished, so there is "
