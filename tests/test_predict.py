@@ -391,3 +391,13 @@ def test_members_on_different_grids_are_refused_naming_the_setting(tmp_path) -> 
         StoreError, match=r"different data\.image_size \(\(64, 64\) vs \(96, 64\)\)"
     ):
         load_ensemble(run)
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_one_switch_turns_the_progress_bars_of_training_and_predict(value, monkeypatch):
+    from spineseg.config import APPS_DIR, compose
+
+    monkeypatch.setenv("SPINESEG_PROGRESS", value)
+    predict = compose(["run_dir=r"], "predict", APPS_DIR)
+    train = compose(["trainer=cpu"])
+    assert predict.progress is train.trainer.enable_progress_bar is (value == "true")
