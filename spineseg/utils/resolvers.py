@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -54,7 +55,23 @@ def _group_choice(root: DictConfig, key: str) -> str | None:
     return choices.get(key)
 
 
-RESOLVERS = {"amp_precision": amp_precision, "on_gpu": on_gpu, "member": member_name}
+#: The one switch for every progress bar (training and predict): false for logs and CI.
+PROGRESS_ENV = "SPINESEG_PROGRESS"
+
+
+def progress() -> Any:
+    """`${progress:}`: True unless SPINESEG_PROGRESS says false; a value that is neither is
+    passed on as it is, for the option's own check to name."""
+    value = os.environ.get(PROGRESS_ENV, "true")
+    return {"true": True, "false": False}.get(value.strip().lower(), value)
+
+
+RESOLVERS = {
+    "amp_precision": amp_precision,
+    "on_gpu": on_gpu,
+    "member": member_name,
+    "progress": progress,
+}
 
 
 def register() -> None:
