@@ -69,6 +69,84 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+#: Where the package default of an identity key lives: the base every preset of the group
+#: starts from. `model` presets have no common base, so a model key has no default here.
+_DEFAULT_GROUPS = {"data": "data/_base", "module": "module/default"}
+_ABSENT = object()
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _package_default(key: str) -> Any:
+    from spineseg.config import group
+
+    section, _, rest = key.partition(".")
+    if section not in _DEFAULT_GROUPS:
+        return _ABSENT
+    node: Any = group(_DEFAULT_GROUPS[section])
+    for part in rest.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def identity_changes(recorded: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """How this config differs from a stored model's recorded one, as `key: old -> new`
+    entries; empty when both define the same model.
+
+    A key absent from the record is an option added to the package after the model was
+    trained; at its package default it reproduces what the model ran with (the rule every new
+    option follows), so it is no change: upgrading spineseg never turns a finished or
+    half-finished sweep into "another config". Data roots are compared as absolute paths.
+    """
+    old = _flat(config_identity(OmegaConf.create(recorded)))
+    new = _flat(config_identity(OmegaConf.create(recorded_config(cfg))))
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if before is _ABSENT:
+            default = _package_default(key)
+            if default is not _ABSENT and _same(after, default):
+                continue
+        if before is _ABSENT or after is _ABSENT or not _same(before, after):
+            changes.append(f"{key}: {_shown(before)} -> {_shown(after)}")
+    return changes
+
+
+def _shown(value: Any) -> str:
+    return "(not set)" if value is _ABSENT else json.dumps(value, default=str)
+
+
+def _listed(changes: list[str], most: int = 4) -> str:
+    if not changes:
+        return ""
+    more = f"; {len(changes) - most} more" if len(changes) > most else ""
+    return f" ({'; '.join(changes[:most])}{more})"
+
+
+def same_model(manifest: dict[str, Any] | None, cfg: DictConfig, digest: str) -> bool:
+    """Whether a stored model's manifest records this config: the same hash, or a record
+    that differs only by options added since at their defaults (`identity_changes`)."""
+    if not manifest or manifest.get("config_hash") is None:
+        return False
+    if manifest["config_hash"] == digest:
+        return True
+    recorded = manifest.get("config")
+    return isinstance(recorded, dict) and not identity_changes(recorded, cfg)
+
+
 def recorded_config(cfg: DictConfig) -> dict[str, Any]:
     """The config as the manifest keeps it, its data roots made absolute: a root given
     relative to where training ran (`../shared/data/...`) would not be found again by
@@ -195,11 +273,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     digest = config_hash(cfg)
     manifest = store.read_manifest(name)
     recorded = (manifest or {}).get("config_hash")  # None: it failed before it started
-    if recorded not in (None, digest) and not cfg.get("overwrite"):
+    same = same_model(manifest, cfg, digest)
+    if recorded is not None and not same and not cfg.get("overwrite"):
         if _holds_training(manifest, job_dir):
             raise RefusedError(
-                f"{run_dir} already holds model {name!r} trained with another config; choose "
-                "a new run name (run=...) or pass overwrite=true to retrain it"
+                f"{run_dir} already holds model {name!r} trained with another config"
+                f"{_listed(identity_changes((manifest or {}).get('config') or {}, cfg))}; "
+                "choose a new run name (run=...) or pass overwrite=true to retrain it"
             )
         log.info(
             "%s: the earlier attempt with another config stopped before anything was trained "
@@ -210,11 +290,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     dm: SpineDataModule = construct(cfg.data, run_dir=str(run_dir))
     dm.setup("fit")
-    if (
-        manifest
-        and manifest.get("config_hash") == digest
-        and store.is_complete(name, dm.split_names)
-    ):
+    if same and store.is_complete(name, dm.split_names):
         log.info(
             "%s: predictions complete, skipping (delete %s to retrain)", name, store.root / name
         )

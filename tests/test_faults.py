@@ -68,10 +68,43 @@ def test_a_refused_rerun_leaves_the_finished_model_as_it_was(finished: Path) -> 
     before = _digest(run / "predictions")
     res = _train(finished, "module.optimizer.lr=0.5")  # another config, same run
     assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert "trained with another config" in res.stderr
+    assert "trained with another config (module.optimizer.lr: 0.001 -> 0.5)" in res.stderr
     assert _digest(run / "predictions") == before  # manifest, probabilities, truth untouched
     manifest = json.loads((run / "predictions" / "unet_lite0" / "manifest.json").read_text())
     assert manifest["status"] == "complete"
+
+
+def test_an_option_added_by_an_upgrade_keeps_the_finished_model(finished, tmp_path) -> None:
+    """A model recorded before an option existed (its manifest lacks the key, so its hash
+    differs) is the same model while the option is at its package default: the rerun skips it
+    and changes nothing. Set to anything else it is another config, and the refusal says so."""
+    import shutil
+
+    from spineseg.train import identity_changes
+
+    shutil.copytree(finished / "out", tmp_path / "out")
+    predictions = tmp_path / "out" / "faults" / "default" / "predictions"
+    path = predictions / "unet_lite0" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["config"]["data"]["preprocess"], manifest["config"]["module"]["threshold"]
+    manifest["config_hash"] = "an-older-package"
+    path.write_text(json.dumps(manifest))
+    before = _digest(predictions)
+    try:
+        assert train(_cfg(tmp_path))["config_hash"] == "an-older-package"  # skipped
+    finally:
+        for held in _LOCKS.values():
+            held.close()
+        _LOCKS.clear()
+    assert _digest(predictions) == before
+    recorded = manifest["config"]
+    assert identity_changes(recorded, _cfg(tmp_path)) == []
+    assert identity_changes(recorded, _cfg(tmp_path, "data.preprocess=clahe")) == [
+        'data.preprocess: (not set) -> "clahe"'
+    ]
+    assert identity_changes(recorded, _cfg(tmp_path, "data.batch_size=3", "seed=5")) == [
+        "data.batch_size: 4 -> 3", "seed: 42 -> 5"
+    ]  # fmt: skip
 
 
 def test_only_a_model_with_something_to_lose_refuses_another_config(tmp_path: Path) -> None:
