@@ -101,3 +101,19 @@ def test_every_model_preset_builds_its_network(tmp_path: Path) -> None:
             _build(cfg, tmp_path, with_module=True)
         except Exception as err:
             raise AssertionError(f"model={model}: {type(err).__name__}: {err}") from err
+
+
+def test_every_data_and_module_key_has_its_default_in_the_base_file() -> None:
+    """A key the record of a stored model lacks counts as unchanged only at its base default
+    (`train.identity_changes`): a preset or experiment may set a key, never introduce one."""
+    import yaml
+
+    from spineseg.config import group
+
+    bases = {"data": set(group("data/_base")), "module": set(group("module/default"))}
+    for path in sorted((CONF / "data").glob("*.yaml")):
+        assert set(yaml.safe_load(path.read_text())) - {"defaults"} <= bases["data"], path.name
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text()) or {}
+        for section, keys in bases.items():
+            assert set(spec.get(section) or {}) <= keys, f"{path.name}: {section}"
