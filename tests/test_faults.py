@@ -3,6 +3,7 @@ folder has one writer at a time."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -494,6 +495,59 @@ def test_predict_refuses_a_pickled_checkpoint_and_writing_into_the_input(
     torch.save({**state, "extra": Path("code")}, ckpt)  # a pickled object: never unpickled
     with pytest.raises(StoreError, match=f"{ckpt}: not a plain checkpoint"):
         load_ensemble(run)
+
+
+def test_predict_into_a_folder_of_other_predictions_is_refused(
+    tmp_path, capsys, restore_logging
+) -> None:
+    """A second predict into a folder with another run, rule or input would replace some
+    masks, keep others and rewrite predictions.csv without the first films: refused, nothing
+    touched. The same command replaces its own set; overwrite=true replaces any; a folder of
+    masks nobody can trace (the user's own) is refused too; a failed first attempt holds
+    nothing."""
+    import cv2
+    from test_predict import film, make_run
+
+    from spineseg.cli.predict import main as predict
+
+    run = make_run(tmp_path / "run")
+    batches = {}
+    for name, seed in (("week1", 0), ("week2", 1)):
+        batches[name] = tmp_path / name
+        batches[name].mkdir()
+        cv2.imwrite(str(batches[name] / f"{name}.png"), film(80, 70, seed=seed))
+    out = tmp_path / "masks"
+    common = ["progress=false", "overlay=false"]
+
+    def refused(*args: str) -> str:
+        with pytest.raises(SystemExit) as info:
+            predict([*args, *common])
+        err = capsys.readouterr().err
+        assert info.value.code == 1 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    refused(f"run_dir={tmp_path / 'nope'}", f"input={batches['week1']}", f"output={out}")
+    assert predict([f"run_dir={run}", f"input={batches['week1']}", f"output={out}", *common]) == 0
+    assert predict([f"run_dir={run}", f"input={batches['week1']}", f"output={out}", *common]) == 0
+    before = _digest(out)
+    err = refused(f"run_dir={run}", f"input={batches['week2']}", f"output={out}")
+    assert f"output {out} already holds the predictions of another ensemble or input" in err
+    assert f"input: {batches['week1']} -> {batches['week2']}" in err and "overwrite=true" in err
+    assert "rule: soft -> hard" in refused(
+        f"run_dir={run}", f"input={batches['week1']}", f"output={out}", "rule=hard"
+    )
+    assert _digest(out) == before
+    args = [f"run_dir={run}", f"input={batches['week2']}", f"output={out}", "overwrite=true"]
+    assert predict([*args, *common]) == 0
+    with open(out / "predictions.csv") as fh:
+        assert [row["file"] for row in csv.DictReader(fh)] == ["week2.png"]
+
+    theirs = tmp_path / "annotations"
+    theirs.mkdir()
+    cv2.imwrite(str(theirs / "week1_mask.png"), film(80, 70))
+    err = refused(f"run_dir={run}", f"input={batches['week1']}", f"output={theirs}")
+    assert "masks whose origin is unknown (no readable predict.json)" in err
+    assert sorted(p.name for p in theirs.iterdir()) == ["week1_mask.png"]
 
 
 # ----------------------------------------------------------------------------- config

@@ -193,7 +193,7 @@ def test_cli_a_film_failing_in_the_pipeline_is_skipped_not_fatal(
         assert [r["file"] for r in csv.DictReader(fh)] == ["good.png"]
     assert not (out / "odd_mask.png").exists()
     with pytest.raises(SystemExit) as info:
-        cli_main([f"run_dir={run_dir}", f"input={src / 'odd.png'}", f"output={out}"])
+        cli_main([f"run_dir={run_dir}", f"input={src / 'odd.png'}", f"output={out}_one"])
     assert info.value.code == 1
     assert "odd.png" in capsys.readouterr().err
 

@@ -11,14 +11,16 @@ overlay=true, `<stem>_overlay.png`; with probability=true, `<stem>_prob.png` (th
 probability, 16-bit: p = value / 65535); for a DICOM film also `<stem>_seg.dcm`, a DICOM
 Segmentation referencing it (dicom_seg=false turns it off); then `predictions.csv` and
 `skipped.csv` (films that could not be read or predicted, and SEGs that could not be
-written, with the reason: a folder run never drops a file silently). The options and their
-defaults are conf/predict.yaml.
+written, with the reason: a folder run never drops a file silently), and `predict.json`
+(which ensemble, rule and input made them: a later run into the folder with another one is
+refused unless overwrite=true). The options and their defaults are conf/apps/predict.yaml.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import sys
 import time
 from collections import Counter
@@ -32,8 +34,8 @@ from omegaconf import DictConfig
 from spineseg.checks import check_whole
 from spineseg.cli.common import flag, hydra_app
 from spineseg.config import APPS_DIR
-from spineseg.errors import ConfigError, DataError, choices_message
-from spineseg.utils.io import atomic_open, atomic_write_text
+from spineseg.errors import ConfigError, DataError, RefusedError, choices_message
+from spineseg.utils.io import atomic_open, atomic_write_json, atomic_write_text
 
 USAGE = "usage: spineseg-predict run_dir=<dir> input=<file or folder> output=<dir> [key=value ...]"
 ENGINES = ("torch", "onnx")
@@ -49,6 +51,9 @@ COLUMNS = [
     "flag_score",  # > 1: outside the normal range validation set (see ensemble/quality.json)
     "flag",  # why: members disagree, unusual area, unusual position, several pieces
 ]
+#: What made an output folder's predictions (`provenance`): a later run replaces them only
+#: when it is the same ensemble on the same input, or with overwrite=true.
+PROVENANCE = "predict.json"
 #: BGR contour colours: region, then Th8..Th11.
 COLOURS = [(0, 255, 0), (0, 0, 255), (0, 255, 255), (255, 128, 0), (255, 0, 255)]
 
@@ -61,9 +66,48 @@ def check_options(cfg: DictConfig) -> None:
         raise ConfigError(f"engine=onnx needs model=<ensemble.onnx>; {USAGE}")
     if cfg.engine == "torch" and not cfg.run_dir:
         raise ConfigError(f"run_dir is required; {USAGE}")
-    for key in ("overlay", "progress", "dicom_seg", "probability"):
+    for key in ("overlay", "progress", "dicom_seg", "probability", "overwrite"):
         flag(cfg, key)
     check_whole("batch_size", cfg.batch_size, 1)
+
+
+def provenance(opts: DictConfig) -> dict[str, str | None]:
+    """What a folder of predictions is: the ensemble (run, or ONNX graph), its rule and
+    post-processing, and the input, as absolute paths."""
+    onnx = opts.engine == "onnx"
+    return {
+        "engine": str(opts.engine),
+        "run_dir": str(Path(str(opts.run_dir)).resolve()) if opts.run_dir else None,
+        "model": str(Path(str(opts.model)).resolve()) if onnx else None,
+        "rule": None if onnx else str(opts.rule),
+        "postprocess": str(opts.postprocess),
+        "input": str(Path(str(opts.input)).resolve()),
+    }
+
+
+def claim_output(out: Path, made: dict[str, str | None], overwrite: bool) -> None:
+    """Refuse an output folder holding other predictions (or other masks): a second run
+    with another run_dir, rule or input would replace some masks, keep others and rewrite
+    predictions.csv without the first run's films. The same command again replaces its own
+    set; a folder where nothing was written yet (an earlier attempt failed first) is free."""
+    holds = (out / "predictions.csv").exists() or any(out.glob("*_mask.png"))
+    if overwrite or not holds:
+        return
+    try:
+        before = json.loads((out / PROVENANCE).read_text())
+    except (OSError, ValueError):
+        before = None
+    if not isinstance(before, dict):
+        what = f"masks whose origin is unknown (no readable {PROVENANCE})"
+    else:
+        changed = [f"{k}: {before.get(k)} -> {v}" for k, v in made.items() if before.get(k) != v]
+        if not changed:
+            return
+        what = f"the predictions of another ensemble or input ({'; '.join(changed)})"
+    raise RefusedError(
+        f"output {out} already holds {what}; choose another output folder or pass "
+        "overwrite=true to replace them"
+    )
 
 
 def list_inputs(path: Path) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -142,6 +186,8 @@ def run(opts: DictConfig) -> tuple[int, int, float]:
             "read as films by the next run); choose another output folder"
         )
     files, skipped = list_inputs(source)
+    made = provenance(opts)
+    claim_output(out, made, bool(opts.overwrite))
     post = None if opts.postprocess == "val" else str(opts.postprocess)
     if opts.engine == "onnx":  # the exported graph carries its rule and post-processing
         from spineseg.onnx_export import OnnxEnsemble
@@ -221,6 +267,8 @@ def run(opts: DictConfig) -> tuple[int, int, float]:
                 skipped.append((path.name, f"DICOM SEG not written: {err.problem}"))
 
     started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / PROVENANCE, made)  # before the first mask: a kill leaves it named
     pairs = list(zip(files, output_stems(files), strict=True))
     show = opts.progress and len(pairs) > 1
     with tqdm(total=len(pairs), unit="film", disable=not show, file=sys.stderr) as bar:
@@ -247,7 +295,6 @@ def run(opts: DictConfig) -> tuple[int, int, float]:
                     skip(path, problem_of(err), err)
             bar.update(len(pairs[start : start + batch_size]))
     rate = len(rows) / max(time.perf_counter() - started, 1e-9)
-    out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "predictions.csv", COLUMNS, rows)
     write_csv(out / "skipped.csv", ["file", "reason"], skipped)
     if not rows:
