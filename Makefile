@@ -67,5 +67,5 @@ bench: setup  ## benchmarks (figures in the README)
 	$(RUN) python benchmarks/bench_ensemble.py
 	$(RUN) python benchmarks/bench_predict.py
 
-clean:
-	rm -rf outputs .cache .pytest_cache .ruff_cache
+clean:  ## remove caches (decoded films, pytest, ruff); trained runs in outputs/ are kept
+	rm -rf .cache .pytest_cache .ruff_cache
