@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from spineseg.checks import check_run
 from spineseg.config import construct, instantiate_node
@@ -143,8 +144,19 @@ def same_model(manifest: dict[str, Any] | None, cfg: DictConfig, digest: str) ->
         return False
     if manifest["config_hash"] == digest:
         return True
-    recorded = manifest.get("config")
-    return isinstance(recorded, dict) and not identity_changes(recorded, cfg)
+    return recorded_changes(manifest, cfg) == []
+
+
+def recorded_changes(manifest: dict[str, Any] | None, cfg: DictConfig) -> list[str] | None:
+    """`identity_changes` against a manifest's record; None when there is no record to read
+    (a manifest written by hand, or before records were kept): then nothing counts as same."""
+    recorded = (manifest or {}).get("config")
+    if not isinstance(recorded, dict):
+        return None
+    try:
+        return identity_changes(recorded, cfg)
+    except (KeyError, TypeError, ValueError, OmegaConfBaseException):
+        return None
 
 
 def recorded_config(cfg: DictConfig) -> dict[str, Any]:
@@ -278,7 +290,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if _holds_training(manifest, job_dir):
             raise RefusedError(
                 f"{run_dir} already holds model {name!r} trained with another config"
-                f"{_listed(identity_changes((manifest or {}).get('config') or {}, cfg))}; "
+                f"{_listed(recorded_changes(manifest, cfg) or [])}; "
                 "choose a new run name (run=...) or pass overwrite=true to retrain it"
             )
         log.info(
