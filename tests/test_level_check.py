@@ -200,6 +200,37 @@ def test_validate_data_warns_of_the_odd_film_and_writes_the_verdicts(tmp_path, f
     ]
 
 
+def test_review_sheets_show_the_odd_films_bodies_named_as_labelled(tmp_path, film) -> None:
+    """One sheet per patient whose films disagree (none for a patient whose films agree), the
+    films side by side under their verdicts, and review.csv for the reader's answers; on the
+    film renamed one level, the body outlined as Th8 is the one the others call Th9."""
+    from spineseg.data import level_review as R
+
+    samples = [*_follow_ups(film, 3, renamed=1), *_follow_ups(film, 2, patient="q")]
+    root = _folder(tmp_path / "data", film)
+    levels = "[" + ",".join(SPINE) + "]"
+    (report,) = validate(_compose("data=folder", f"data.root={root}",
+                                  f"data.source_kwargs.levels={levels}", f"review={tmp_path / 'r'}"))  # fmt: skip
+    assert any("review sheets of 1 patients" in n for n in report.notes)
+    rows = pd.read_csv(tmp_path / "r" / "review.csv", keep_default_na=False)
+    assert rows["id"].tolist() == ["p-0", "p-1", "p-2"] and set(rows["sheet"]) == {"p.png"}
+    assert rows["verdict"][1] == "labels 1 level lower than the patient's other films"
+    assert rows["offset"].tolist() == [0, 1, 0] and rows["expert_offset"].tolist() == [""] * 3
+    sheet = cv2.imread(str(tmp_path / "r" / "p.png"))
+    assert sheet.shape[0] == R.TITLE_HEIGHT + R.PANEL_HEIGHT
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["p.png", "review.csv"]
+
+    def outline_row(sample, level: int) -> float:  # where Th8 (0) or Th9 (1) is outlined
+        drawn = R.panel(sample, "t", "c")[R.TITLE_HEIGHT :]
+        return np.nonzero((drawn == R.TARGET_COLOURS[level]).all(axis=2))[0].mean()
+
+    assert R.write_review(samples, check_levels(samples), tmp_path / "pq") == 1  # not q's
+    assert sorted(p.name for p in (tmp_path / "pq").iterdir()) == ["p.png", "review.csv"]
+    ok, renamed = samples[0], samples[1]
+    assert outline_row(ok, 1) - outline_row(ok, 0) > 20  # Th9 is drawn a body below Th8
+    assert outline_row(renamed, 0) == pytest.approx(outline_row(ok, 1), abs=3)
+
+
 def test_score_splits_the_level_error_rate_by_the_verdicts(tmp_path) -> None:
     films = {
         "a": FilmCheck("a", "p", 3, 0, True, True), "b": FilmCheck("b", "p", 3, 0, True, True),

@@ -35,7 +35,7 @@ from spineseg.checks import check_whole
 from spineseg.cli.common import flag, hydra_app
 from spineseg.config import APPS_DIR
 from spineseg.errors import ConfigError, DataError, RefusedError, choices_message
-from spineseg.utils.io import atomic_open, atomic_write_json, atomic_write_text
+from spineseg.utils.io import atomic_write_json, atomic_write_text
 
 USAGE = "usage: spineseg-predict run_dir=<dir> input=<file or folder> output=<dir> [key=value ...]"
 ENGINES = ("torch", "onnx")
@@ -153,14 +153,6 @@ def overlay(film: np.ndarray, labels: np.ndarray, per_label: bool = False) -> np
     return canvas
 
 
-def write_png(path: Path, array: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", array)
-    if not ok:
-        raise DataError(path, "PNG encoding failed")
-    with atomic_open(path, "wb") as fh:
-        fh.write(buf.tobytes())
-
-
 def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -173,7 +165,7 @@ def run(opts: DictConfig) -> tuple[int, int, float]:
     """Predict every input film; returns (predicted, skipped, films per second)."""
     from tqdm import tqdm
 
-    from spineseg.data.io import is_dicom, read_image
+    from spineseg.data.io import is_dicom, read_image, write_png
     from spineseg.dicom_seg import write_seg
     from spineseg.ensemble.quality import film_features, flag
     from spineseg.predict import load_ensemble

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from spineseg.errors import ConfigError, DataError, choices_message
+from spineseg.utils.io import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,16 @@ R = TypeVar("R")
 
 
 # ----------------------------------------------------------------------------- images
+
+
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    """`array` (8 or 16 bit, gray or BGR) as a PNG at `path`, atomically: a kill leaves the
+    old file or the new one, never half of one."""
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:
+        raise DataError(path, "PNG encoding failed")
+    with atomic_open(path, "wb") as fh:
+        fh.write(buf.tobytes())
 
 
 def is_image_file(path: str | Path) -> bool:

@@ -175,6 +175,24 @@ AGREEMENT = {
 }
 
 
+def verdict(f: FilmCheck) -> str:
+    """The check's word on one film, as a warning or a review sheet says it."""
+    if f.agrees:
+        return "labels agree with the patient's other films"
+    if f.settled:
+        n, side = abs(f.offset), "lower" if f.offset > 0 else "higher"
+        return f"labels {n} level{'s' if n > 1 else ''} {side} than the patient's other films"
+    if f.films == 2:
+        return (
+            "labels a level or more off the patient's other film (which of the two, the check "
+            "cannot say)"
+        )
+    return (
+        "labels of the patient's films disagree, with no majority (which are off, the check "
+        "cannot say)"
+    )
+
+
 def agreement(films: Mapping[str, FilmCheck], film_id: str) -> str:
     """A key of AGREEMENT: whether the check found the film's labels agreeing."""
     if film_id not in films:

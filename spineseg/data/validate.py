@@ -21,7 +21,7 @@ from spineseg.errors import DataError
 from spineseg.names import LEVELS, TARGET_LEVELS, TARGET_VALUES
 
 if TYPE_CHECKING:
-    from spineseg.data.level_check import FilmCheck, LevelCheck
+    from spineseg.data.level_check import LevelCheck
 
 
 def label_name(value: int) -> str:
@@ -140,7 +140,7 @@ def level_issues(samples: list[Sample]) -> tuple[list[Issue], str, LevelCheck | 
     """The level check across each patient's films (`spineseg.data.level_check`): a warning
     for every film whose labels differ from its patient's others, a line that sums it up (or
     says why the check cannot run on these films), and the check itself."""
-    from spineseg.data.level_check import check_levels
+    from spineseg.data.level_check import check_levels, verdict
 
     try:
         check = check_levels(samples)
@@ -151,7 +151,7 @@ def level_issues(samples: list[Sample]) -> tuple[list[Issue], str, LevelCheck | 
     for f in check.films.values():
         if f.agrees:
             continue
-        issues.append(Issue("warning", where[f.id], _level_problem(f)))
+        issues.append(Issue("warning", where[f.id], verdict(f)))
     patients = {f.patient for f in check.films.values()}
     odd = {f.patient for f in check.films.values() if not f.agrees}
     note = (
@@ -160,21 +160,6 @@ def level_issues(samples: list[Sample]) -> tuple[list[Issue], str, LevelCheck | 
         f"{check.unchecked} films of patients with one film cannot be checked"
     )
     return issues, note, check
-
-
-def _level_problem(f: FilmCheck) -> str:
-    if f.settled:
-        n, side = abs(f.offset), "lower" if f.offset > 0 else "higher"
-        return f"labels {n} level{'s' if n > 1 else ''} {side} than the patient's other films"
-    if f.films == 2:
-        return (
-            "labels a level or more off the patient's other film (which of the two, the check "
-            "cannot say)"
-        )
-    return (
-        "labels of the patient's films disagree, with no majority (which are off, the check "
-        "cannot say)"
-    )
 
 
 def format_report(report: Report, max_examples: int = 5) -> str:
