@@ -67,17 +67,24 @@ def check_run(cfg: DictConfig) -> None:
 
 
 def check_roots(data: DictConfig) -> None:
-    """A dataset folder that does not exist stops the run (every job of a sweep) in one line
-    naming the option, before anything trains; a relative path is read from where the command
-    runs, which the line says, since that is the usual cause."""
+    """A dataset folder (or a label-corrections file) that does not exist stops the run (every
+    job of a sweep) in one line naming the option, before anything trains; a relative path is
+    read from where the command runs, which the line says, since that is the usual cause."""
     for key, spec in (("data", data), ("data.external", data.get("external"))):
         root = spec.get("root") if spec else None
-        if root is None:
-            continue
-        path = Path(str(root)).expanduser()
-        if not path.exists():
-            where = "" if path.is_absolute() else f" (a relative path is read from {Path.cwd()})"
+        if root is not None and not Path(str(root)).expanduser().exists():
             raise ConfigError(
-                f"{key}.root={root} does not exist{where}; set {key}.root to the folder of "
-                f"your {spec.get('source')} data"
+                f"{key}.root={root} does not exist{_read_from(root)}; set {key}.root to the "
+                f"folder of your {spec.get('source')} data"
             )
+        fixes = spec.get("level_corrections") if spec else None
+        if fixes and not Path(str(fixes)).expanduser().is_file():
+            raise ConfigError(
+                f"{key}.level_corrections={fixes} is not a file{_read_from(fixes)}; write it "
+                "with spineseg-validate-data review=<dir> or level_offsets=<csv>"
+            )
+
+
+def _read_from(path: object) -> str:
+    relative = not Path(str(path)).expanduser().is_absolute()
+    return f" (a relative path is read from {Path.cwd()})" if relative else ""

@@ -160,15 +160,17 @@ def recorded_changes(manifest: dict[str, Any] | None, cfg: DictConfig) -> list[s
 
 
 def recorded_config(cfg: DictConfig) -> dict[str, Any]:
-    """The config as the manifest keeps it, its data roots made absolute: a root given
+    """The config as the manifest keeps it, its data roots (and label corrections) made
+    absolute: a root given
     relative to where training ran (`../shared/data/...`) would not be found again by
     `spineseg-score` (or a benchmark that reads a run's films) run from another folder."""
     out: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     data = out.get("data") or {}
     for spec in (data, data.get("external") or {}):
-        root = spec.get("root")
-        if isinstance(root, str) and root and not os.path.isabs(root):
-            spec["root"] = os.path.abspath(root)
+        for key in ("root", "level_corrections"):
+            path = spec.get(key)
+            if isinstance(path, str) and path and not os.path.isabs(path):
+                spec[key] = os.path.abspath(path)
     return out
 
 

@@ -589,6 +589,12 @@ def test_a_dataset_folder_that_does_not_exist_is_one_line_before_anything_runs(
     )
     with pytest.raises(ConfigError, match=r"^data\.external\.root=/no/such/site does not exist; "):
         check_run(_cfg(tmp_path, "+data.external.root=/no/such/site"))
+    with pytest.raises(ConfigError) as info:
+        check_run(_cfg(tmp_path, "data.level_corrections=review.csv"))
+    assert str(info.value) == (
+        f"data.level_corrections=review.csv is not a file (a relative path is read from "
+        f"{tmp_path}); write it with spineseg-validate-data review=<dir> or level_offsets=<csv>"
+    )
 
 
 def test_a_sweep_with_one_bad_job_is_refused_before_the_first_runs(tmp_path: Path) -> None:

@@ -18,10 +18,12 @@ from hydra import compose, initialize_config_dir
 from spineseg.cli.validate_data import validate
 from spineseg.data.level_check import (
     FilmCheck,
+    apply_corrections,
     body_corners,
     body_patches,
     check_levels,
     check_patient,
+    read_corrections,
     read_offsets,
     settled,
     shift_scores,
@@ -145,16 +147,17 @@ def test_check_levels_says_why_it_cannot_run(film) -> None:
         check_levels(_follow_ups(replace(film, label=four), 2))
 
 
-def _folder(root: Path, film, levels: list[str] = SPINE) -> Path:
+def _folder(root: Path, film, levels: list[str] = SPINE, solos: int = 1) -> Path:
     """A folder dataset labelling `levels` (T1..L5) as 1..n, with a manifest naming the
-    patients."""
+    patients: one with three films (the second renamed a level), `solos` with one each."""
     lut = np.zeros(256, np.uint8)
     for value, name in enumerate(levels, start=1):
         lut[level_value(name)] = value
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     rows = []
-    for s in [*_follow_ups(film, 3, renamed=1), *_follow_ups(film, 1, patient="solo")]:
+    singles = [s for k in range(solos) for s in _follow_ups(film, 1, patient=f"solo{k or ''}")]
+    for s in [*_follow_ups(film, 3, renamed=1), *singles]:
         cv2.imwrite(str(root / "images" / f"{s.id}.png"), s.image)
         cv2.imwrite(str(root / "masks" / f"{s.id}.png"), lut[s.label])
         rows.append({"id": s.id, "image": f"images/{s.id}.png", "mask": f"masks/{s.id}.png",
@@ -260,6 +263,59 @@ def test_read_offsets_names_a_missing_or_foreign_file(tmp_path) -> None:
     (tmp_path / "other.csv").write_text("id,dice\na,0.5\n")
     with pytest.raises(DataError, match="not a level-offsets CSV: no column 'patient'"):
         read_offsets(tmp_path / "other.csv")
+
+
+def test_corrections_rename_the_odd_film_back_everywhere_the_labels_are_read(
+    tmp_path, film
+) -> None:
+    """The check's verdicts (or a reader's) as data.level_corrections: the renamed film gets
+    its labels back, so the check finds every film agreeing and the DataModule's truth of
+    that film is its patient's."""
+    from spineseg.config import build
+
+    root = _folder(tmp_path / "data", film, solos=3)
+    levels = "[" + ",".join(SPINE) + "]"
+    data = ["data=folder", f"data.root={root}", f"data.source_kwargs.levels={levels}"]
+    offsets = tmp_path / "offsets.csv"
+    validate(_compose(*data, f"level_offsets={offsets}"))
+    assert read_corrections(offsets) == {"p-0": 0, "p-1": 1, "p-2": 0}
+    (fixed,) = validate(_compose(*data, f"data.level_corrections={offsets}", "check_levels=true"))
+    assert "0 of 1 patients with several films" in fixed.notes[0] and not fixed.warnings
+
+    def region(*extra: str):
+        dm = build("data", [*data, "data.image_size=[128,64]", "data.cache=memory",
+                            "data.fractions=[0.5,0.25,0.25]", "data.split_seed=0", *extra])  # fmt: skip
+        dm.setup("fit")
+        return {i: m for p in dm.parts.values() for i, m in zip(p.ids, p.masks("region"), strict=True)}  # fmt: skip
+
+    before, after = region(), region(f"data.level_corrections={offsets}")
+    assert (before["p-1"] != before["p-0"]).mean() > 0.01  # one body off the others
+    np.testing.assert_array_equal(after["p-1"], after["p-0"])
+    np.testing.assert_array_equal(after["p-0"], before["p-0"])
+
+
+def test_read_corrections_takes_a_readers_answers_and_names_bad_ones(tmp_path, film) -> None:
+    review = tmp_path / "review.csv"
+    review.write_text("patient,id,offset,expert_offset\np,a,1,\np,b,-1,1\np,c,0,0\n")
+    assert read_corrections(review) == {"b": 1, "c": 0}  # blank: left as labelled
+    checked = tmp_path / "offsets.csv"
+    checked.write_text("id,patient,films,offset,agrees,settled\na,p,2,1,0,0\nb,q,3,-1,0,1\n")
+    assert read_corrections(checked) == {"b": -1}  # without a majority, no film is known off
+    (tmp_path / "bad.csv").write_text("id,expert_offset\na,one\n")
+    with pytest.raises(DataError, match="line 2: expert_offset='one' is not a whole number"):
+        read_corrections(tmp_path / "bad.csv")
+    (tmp_path / "foreign.csv").write_text("id,dice\na,0.5\n")
+    with pytest.raises(DataError, match="need an id and an expert_offset or offset column"):
+        read_corrections(tmp_path / "foreign.csv")
+    with pytest.raises(DataError, match="level corrections not found"):
+        read_corrections(tmp_path / "none.csv")
+    with pytest.raises(DataError, match="none of its 1 films is in this source"):
+        apply_corrections([film], {"elsewhere": 1}, review)
+    region_only = replace(film, label=(film.label > 0).astype(np.uint8), binary_label=True)
+    with pytest.raises(DataError, match="a region-only mask cannot be renamed by level"):
+        apply_corrections([region_only], {film.id: 1}, review)
+    (same,) = apply_corrections([film], {film.id: 0}, review)
+    assert same is film
 
 
 def test_patient_clustering_counts_pairs_of_one_patients_errors() -> None:

@@ -23,7 +23,7 @@ from spineseg.data import geometry as G
 from spineseg.data import transforms as T
 from spineseg.data.cascade import CropSpec, check_stage1_split, crop_all
 from spineseg.data.sample import Sample
-from spineseg.data.sources import build_source, build_spec, spec_kwargs
+from spineseg.data.sources import build_spec
 from spineseg.data.splits import (
     check_disjoint,
     read_splits_csv,
@@ -193,6 +193,15 @@ def _load_prepared(path: Path) -> tuple[Prepared, list] | None:
         return None
 
 
+def _corrections(path: str | None) -> list | None:
+    """A cache key's view of `level_corrections`: what it says, not where it is."""
+    if not path:
+        return None
+    from spineseg.data.level_check import read_corrections
+
+    return sorted(read_corrections(path).items())
+
+
 def load_source(
     spec: dict,
     image_size: tuple[int, int],
@@ -216,6 +225,7 @@ def load_source(
         "root": root,
         "split": spec.get("split"),
         "kwargs": dict(spec.get("source_kwargs") or {}),
+        "level_corrections": _corrections(spec.get("level_corrections")),
         "size": list(image_size),
         "resize": resize,
         "preprocess": preprocess,
@@ -228,9 +238,8 @@ def load_source(
     if cached is None and cache == "disk" and path.exists():
         cached = _load_prepared(path)
     if cached is None:
-        kwargs = spec_kwargs({**spec, "root": root})
         left_out: list = []
-        samples = build_source(name, on_error=on_error, skipped=left_out, **kwargs)
+        samples = build_spec({**spec, "root": root}, on_error=on_error, skipped=left_out)
         if not samples:
             raise DataError(root, f"data source {name!r} yielded no films ({key_spec['kwargs']})")
         cached = prepare(samples, image_size, resize, preprocess), left_out
@@ -293,6 +302,7 @@ class SpineDataModule(L.LightningDataModule):
         root: str | None,
         split: str | None,
         source_kwargs: dict | None,
+        level_corrections: str | None,
         external: dict | None,
         target: str,
         image_size: tuple[int, int] | list[int],
@@ -326,6 +336,7 @@ class SpineDataModule(L.LightningDataModule):
             "root": root,
             "split": split,
             "source_kwargs": dict(source_kwargs or {}),
+            "level_corrections": level_corrections,
         }
         self.external_spec = dict(external) if external else None
         self.target = target

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import csv
 import itertools
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -34,7 +35,10 @@ from scipy import ndimage
 
 from spineseg.data.sample import Sample
 from spineseg.errors import DataError
+from spineseg.names import LEVELS
 from spineseg.utils.io import atomic_open
+
+log = logging.getLogger(__name__)
 
 PATCH = (40, 56)  # rows, cols of a body's patch; bodies are wider than tall on AP films
 GROW = 1.25  # the patch takes in the endplates, pedicles and a little of what is around
@@ -276,3 +280,71 @@ def read_offsets(path: str | Path) -> dict[str, FilmCheck]:
             return {r["id"]: _film_check(r) for r in reader}
         except ValueError as err:
             raise DataError(path, f"line {reader.line_num}: {err}") from None
+
+
+# ----------------------------------------------------------------------------- corrections
+
+
+def read_corrections(path: str | Path) -> dict[str, int]:
+    """Film id -> how many levels lower its labels sit than the anatomy, from a CSV with an
+    `id` column and either `expert_offset` (a `review.csv` a reader filled in: blank rows are
+    left as labelled) or `offset` (a `level_offsets` CSV: only films whose patient has a
+    majority, `settled` 1, since the others' offsets say nothing about which film is off)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            path,
+            "level corrections not found: write them with spineseg-validate-data "
+            "review=<dir> (then fill expert_offset) or level_offsets=<csv>",
+        )
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        column = next((c for c in ("expert_offset", "offset") if c in fields), None)
+        if "id" not in fields or column is None:
+            raise DataError(
+                path, "level corrections need an id and an expert_offset or offset column"
+            )
+        out: dict[str, int] = {}
+        for row in reader:
+            value = (row[column] or "").strip()
+            if not value or (column == "offset" and row.get("settled", "1") != "1"):
+                continue
+            try:
+                out[row["id"]] = int(value)
+            except ValueError:
+                raise DataError(
+                    path,
+                    f"line {reader.line_num}: {column}={value!r} is not a whole number of levels",
+                ) from None
+    return out
+
+
+def apply_corrections(
+    samples: Sequence[Sample], corrections: Mapping[str, int], path: str | Path
+) -> list[Sample]:
+    """Every listed film's vertebrae renamed by its offset (labels that sit one level lower
+    than the anatomy: each body's name moves one level down, Th8 becomes Th9); a body renamed
+    past the last level a label map can name is dropped. Nothing else changes."""
+    ids = {s.id for s in samples}
+    listed = [i for i in corrections if i in ids]
+    if corrections and not listed:
+        raise DataError(
+            path, f"none of its {len(corrections)} films is in this source (first id: "
+            f"{next(iter(corrections))!r}); are these the corrections of another dataset?",
+        )  # fmt: skip
+    if len(listed) < len(corrections):
+        log.warning("%s: %d of its films are not in this source; left out",
+                    path, len(corrections) - len(listed))  # fmt: skip
+    out = []
+    for s in samples:
+        k = corrections.get(s.id, 0)
+        if k and s.binary_label:
+            raise DataError(s.source_path or s.id, "a region-only mask cannot be renamed by level")
+        if k:
+            shifted = s.label.astype(np.int16) + k
+            keep = (s.label > 0) & (shifted >= 1) & (shifted <= len(LEVELS))
+            label = np.where(keep, shifted, 0).astype(np.uint8)
+            s = replace(s, label=label, meta={**s.meta, "level_correction": k})
+        out.append(s)
+    return out

@@ -70,5 +70,14 @@ def spec_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_spec(spec: Mapping[str, Any], **kwargs: Any) -> list[Sample]:
-    """Every sample of a data spec; kwargs (on_error, skipped...) go to the source too."""
-    return build_source(spec["source"], **spec_kwargs(spec), **kwargs)
+    """Every sample of a data spec; kwargs (on_error, skipped...) go to the source too. A
+    spec's `level_corrections` (a CSV, `spineseg.data.level_check.read_corrections`) renames
+    the listed films' vertebrae before anything else sees them: training, the store's truth,
+    the checks and the scores all read the corrected labels."""
+    samples = build_source(spec["source"], **spec_kwargs(spec), **kwargs)
+    if spec.get("level_corrections"):
+        from spineseg.data.level_check import apply_corrections, read_corrections
+
+        path = spec["level_corrections"]
+        samples = apply_corrections(samples, read_corrections(path), path)
+    return samples
