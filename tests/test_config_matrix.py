@@ -105,7 +105,7 @@ def test_every_model_preset_builds_its_network(tmp_path: Path) -> None:
 
 def test_every_data_and_module_key_has_its_default_in_the_base_file() -> None:
     """A key the record of a stored model lacks counts as unchanged only at its base default
-    (`train.identity_changes`): a preset or experiment may set a key, never introduce one."""
+    (`spineseg.identity.identity_changes`): a preset or experiment may set a key, never introduce one."""
     import yaml
 
     from spineseg.config import group

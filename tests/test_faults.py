@@ -58,10 +58,15 @@ def _cfg(root: Path, *overrides: str):
 def finished(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faults")
     assert train(_cfg(root))["status"] == "complete"  # in-process: saves a start-up
-    for held in _LOCKS.values():  # as if that training's process had ended
+    _release_locks()
+    return root
+
+
+def _release_locks() -> None:
+    """As if the in-process trainings' process had ended: their job folders are free."""
+    for held in _LOCKS.values():
         held.close()
     _LOCKS.clear()
-    return root
 
 
 def test_a_refused_rerun_leaves_the_finished_model_as_it_was(finished: Path) -> None:
@@ -81,7 +86,7 @@ def test_an_option_added_by_an_upgrade_keeps_the_finished_model(finished, tmp_pa
     and changes nothing. Set to anything else it is another config, and the refusal says so."""
     import shutil
 
-    from spineseg.train import identity_changes
+    from spineseg.identity import identity_changes
 
     shutil.copytree(finished / "out", tmp_path / "out")
     predictions = tmp_path / "out" / "faults" / "default" / "predictions"
@@ -94,9 +99,7 @@ def test_an_option_added_by_an_upgrade_keeps_the_finished_model(finished, tmp_pa
     try:
         assert train(_cfg(tmp_path))["config_hash"] == "an-older-package"  # skipped
     finally:
-        for held in _LOCKS.values():
-            held.close()
-        _LOCKS.clear()
+        _release_locks()
     assert _digest(predictions) == before
     recorded = manifest["config"]
     assert identity_changes(recorded, _cfg(tmp_path)) == []
@@ -122,7 +125,10 @@ def test_only_a_model_with_something_to_lose_refuses_another_config(tmp_path: Pa
     run = tmp_path / "out" / "faults" / "default"
     manifest = json.loads((run / "predictions" / "unet_lite0" / "manifest.json").read_text())
     assert manifest["status"] == "failed"
-    assert _train(tmp_path).returncode == 0  # the corrected command: nothing was lost
+    try:  # the corrected command (in-process: saves a start-up): nothing was lost
+        assert train(_cfg(tmp_path))["status"] == "complete"
+    finally:
+        _release_locks()
     manifest = json.loads((run / "predictions" / "unet_lite0" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["error"] is None
 

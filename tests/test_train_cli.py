@@ -196,7 +196,7 @@ def test_the_manifest_records_data_roots_as_absolute_paths(tmp_path, monkeypatch
     scored from another folder; the config hash (a run's identity) is untouched."""
     from omegaconf import OmegaConf
 
-    from spineseg.train import config_hash, recorded_config
+    from spineseg.identity import config_hash, recorded_config
 
     monkeypatch.chdir(tmp_path)
     cfg = OmegaConf.create({
