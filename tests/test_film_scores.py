@@ -161,6 +161,42 @@ def test_label_offsets_split_each_rate_by_the_level_check(scored_run, films, tmp
     assert "other.csv: none of the run's 3 val films is in it" in err
 
 
+def test_other_label_corrections_score_beside_the_runs_own(
+    scored_run, films, tmp_path, capsys, restore_logging
+):
+    """A reader's answers rescore a finished run without training it again: the listed film's
+    truth is renamed, the others' stay, and the run's own film scores are left as they were."""
+    from spineseg.data.level_check import apply_corrections
+
+    ids = [s.id for s in films[1:4]]
+    fixes = tmp_path / "review.csv"
+    fixes.write_text(f"id,expert_offset\n{ids[1]},1\n")
+    own = scored_run / "film_scores" / "val"
+    assert cli_main([f"run_dir={scored_run}", "device=cpu", "atlas=false"]) == 0
+    before = {p.name: p.read_bytes() for p in own.iterdir()}
+    args = [f"run_dir={scored_run}", "device=cpu", "atlas=false", f"level_corrections={fixes}"]
+    assert cli_main(args) == 0
+    assert {p.name: p.read_bytes() for p in own.iterdir()} == before
+    rescored = scored_run / "film_scores" / "val+labels_review"
+    assert json.loads((rescored / "results.json").read_text())["labels"] == str(fixes)
+
+    def soft(folder: Path) -> pd.DataFrame:
+        table = pd.read_csv(folder / "per_image.csv")
+        return table[table["method"] == "soft"].set_index("id")
+
+    assert soft(rescored).loc[ids[0]].equals(soft(own).loc[ids[0]])  # not listed: as it was
+    (renamed,) = apply_corrections([films[2]], {ids[1]: 1}, fixes)
+    pred = load_ensemble(scored_run, "soft", postprocess="none").predict(films[2].image)
+    truth = region_mask(renamed.label)[None]
+    assert (truth != region_mask(films[2].label)[None]).any()
+    dice = metrics.overlap_metrics(pred.labels[None], truth, 2)["dice"][0]
+    assert soft(rescored).loc[ids[1], "dice"] == pytest.approx(dice)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main([f"run_dir={scored_run}", "level_corrections=nowhere.csv"])
+    assert "nowhere.csv: level corrections not found" in capsys.readouterr().err
+
+
 def test_films_missing_from_the_source_are_named(tmp_path, films):
     run = _with_source(make_run(tmp_path / "run"), SOURCE, [films[0].id, "syn-internal-9999"])
     with pytest.raises(DataError, match=r"1 of the run's 2 val films.*'syn-internal-9999'"):

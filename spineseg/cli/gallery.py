@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 import spineseg  # noqa: F401  (registers the OmegaConf resolvers)
 from spineseg.cli.common import hydra_app
 from spineseg.data.sample import Sample
-from spineseg.data.sources import build_source, spec_kwargs
+from spineseg.data.sources import build_spec
 from spineseg.errors import ConfigError
 from spineseg.labels import vertebra_labels
 from spineseg.names import TARGET_LEVELS
@@ -42,11 +42,12 @@ SHADES = 15
 
 
 def load(spec: dict, n: int) -> list[Sample]:
-    """The first n samples of one data spec ({source, root, split, source_kwargs})."""
-    kwargs = spec_kwargs(spec)
+    """The first n samples of one data spec ({source, root, split, source_kwargs}), with its
+    level corrections applied, as training sees them."""
+    kwargs = dict(spec.get("source_kwargs") or {})
     if "n" in kwargs:  # a generator need not make films that are not shown
         kwargs["n"] = min(int(kwargs["n"]), n)
-    return build_source(spec["source"], on_error="skip", skipped=[], **kwargs)[:n]
+    return build_spec({**spec, "source_kwargs": kwargs}, on_error="skip", skipped=[])[:n]
 
 
 def overlay(sample: Sample) -> np.ndarray:

@@ -7,7 +7,9 @@ Runs with different working sizes, and a cascade against a whole-film run, compa
 paired difference of each rule against the same rule of another run already scored so.
 `label_offsets=<csv>` (written by `spineseg-validate-data level_offsets=<csv>`) adds each
 method's level-error rate on the films whose labels agree with their patient's other films,
-and on those whose labels do not.
+and on those whose labels do not. `level_corrections=<csv>` scores against labels renamed by
+another set of corrections than training's (a reader's answers in a `review.csv`), `none`
+against the labels as given, into `film_scores/<split>+labels_<name>/` beside the run's own.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def _score(cfg: DictConfig) -> str:
         None if cfg.data_root is None else str(cfg.data_root),
         int(cfg.batch_size),
         flag(cfg, "atlas"),
+        _labels(cfg.level_corrections),
     )
     compared = []
     if cfg.against is not None:
@@ -71,6 +74,20 @@ def _score(cfg: DictConfig) -> str:
         print("\nby the level check of the labels (label_offsets):\n" + agreement_text(agreeing))
     print(f"\nat the films' resolution: {out}")
     return table
+
+
+def _labels(value: object) -> str:
+    """`level_corrections=run|none|<csv>`, checked before any film is read."""
+    from spineseg.report.film_scores import AS_GIVEN, RUN_LABELS
+
+    if value is None:
+        return AS_GIVEN
+    if value in (RUN_LABELS, AS_GIVEN):
+        return str(value)
+    from spineseg.data.level_check import read_corrections
+
+    read_corrections(str(value))  # a missing or foreign file: one line, now
+    return str(value)
 
 
 main = hydra_app("score", _score, USAGE, APPS_DIR)

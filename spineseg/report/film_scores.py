@@ -55,6 +55,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: `level_corrections` of spineseg-score: the truth as training read it (the run's own
+#: `data.level_corrections`, if any), or the labels as given (`none`), or another CSV.
+RUN_LABELS, AS_GIVEN = "run", "none"
+
+
 def _read_json(path: Path, what: str, missing: str) -> dict[str, Any]:
     """`predict.read_json_object`, saying what to do where the file is not there yet."""
     from spineseg.predict import read_json_object
@@ -88,13 +93,18 @@ def delivered_target(run_dir: str | Path, selection: dict[str, Any]) -> str:
 
 
 def held_out_films(
-    run_dir: str | Path, split: str, data_root: str | None = None, training: bool = False
+    run_dir: str | Path,
+    split: str,
+    data_root: str | None = None,
+    training: bool = False,
+    labels: str = RUN_LABELS,
 ) -> tuple[list[Sample], dict[str, Any], list[Sample]]:
     """The run's `split` films, at their own resolution, in the store's order: the films the
     results scored, read again from the source training recorded (`data_root` where the
-    films have moved since). Returns them, the selection and, with `training`, the run's
-    training films (splits.csv; read in the same pass over the source where it is the same
-    source, since reading a folder of full-size films is most of the time this takes)."""
+    films have moved since; `labels` other level corrections than training's). Returns them,
+    the selection and, with `training`, the run's training films (splits.csv; read in the
+    same pass over the source where it is the same source, since reading a folder of
+    full-size films is most of the time this takes)."""
     from spineseg.data.splits import read_splits_csv
     from spineseg.ensemble.store import PredictionStore
 
@@ -116,10 +126,10 @@ def held_out_films(
         else []
     )
     if split == EXTERNAL:
-        held = _source_films(run_dir, selection, True, {split: ids}, data_root)[split]
-        rest = _source_films(run_dir, selection, False, {TRAIN: train}, data_root)[TRAIN]
-        return held, selection, rest
-    got = _source_films(run_dir, selection, False, {split: ids, TRAIN: train}, data_root)
+        held = _source_films(run_dir, selection, True, {split: ids}, data_root, labels)[split]
+        rest = _source_films(run_dir, selection, False, {TRAIN: train}, data_root, labels)
+        return held, selection, rest[TRAIN]
+    got = _source_films(run_dir, selection, False, {split: ids, TRAIN: train}, data_root, labels)
     return got[split], selection, got[TRAIN]
 
 
@@ -129,6 +139,7 @@ def _source_films(
     external: bool,
     wanted: dict[str, Sequence[str]],
     data_root: str | None,
+    labels: str = RUN_LABELS,
 ) -> dict[str, list[Sample]]:
     """The films of each split in `wanted` (split -> ids), in one pass over the source
     training recorded (`external`: the external set's own)."""
@@ -145,6 +156,8 @@ def _source_films(
                 f"{spec.get('source')} source, which reads no folder; leave data_root out"
             )
         spec["root"] = data_root
+    if labels != RUN_LABELS:
+        spec["level_corrections"] = None if labels == AS_GIVEN else labels
     skipped: list = []
     every = {i for ids in wanted.values() for i in ids}
     found = {s.id: s for s in build_spec(spec, on_error="skip", skipped=skipped) if s.id in every}
@@ -218,17 +231,21 @@ def score_films(
     data_root: str | None = None,
     batch_size: int = 4,
     atlas: bool = True,
+    labels: str = RUN_LABELS,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """(per_image, results, meta) of `best_single` and each rule, with and without the
     post-processing validation chose for it, on the run's `split` films at their own size;
-    with `atlas`, also the film-blind atlas of the run's training films (`ATLAS`)."""
+    with `atlas`, also the film-blind atlas of the run's training films (`ATLAS`). `labels`:
+    the level corrections of the truth (`RUN_LABELS`, `AS_GIVEN` or a CSV)."""
     from spineseg.ensemble import rules as R
     from spineseg.predict import load_ensemble
 
     run_dir = Path(run_dir)
     for rule in rules:
         R.get(rule)
-    samples, selection, training = held_out_films(run_dir, split, data_root, training=atlas)
+    samples, selection, training = held_out_films(
+        run_dir, split, data_root, training=atlas, labels=labels
+    )
     spacings = known_spacings(samples)
     known = spacings[0] is not None if spacings else False
     chosen = selection.get("postprocess") or {}
@@ -290,6 +307,7 @@ def score_films(
         "set_id": uuid.uuid4().hex,
         "selection_set_id": selection.get("set_id"),
         "split": split,
+        "labels": labels,
         "resolution": "film",
         "n_images": {split: len(samples)},
         "rules": list(rules),
@@ -413,7 +431,12 @@ def agreement_text(rows: Sequence[dict[str, Any]]) -> str:
     )  # fmt: skip
 
 
-def film_scores_dir(run_dir: str | Path, split: str) -> Path:
+def film_scores_dir(run_dir: str | Path, split: str, labels: str = RUN_LABELS) -> Path:
+    """`film_scores/<split>/`; scored against other labels than training's,
+    `film_scores/<split>+labels_<as_given | the CSV's stem>/`, beside it, never over it."""
+    if labels != RUN_LABELS:
+        tag = "as_given" if labels == AS_GIVEN else Path(labels).stem
+        split = f"{split}+labels_{tag}"
     return Path(run_dir) / FILM_SCORES_DIR / split
 
 
@@ -436,7 +459,7 @@ def write_film_scores(
     as one set (an interrupted scoring leaves the previous set whole)."""
     from spineseg.utils.io import staged_dir
 
-    final = film_scores_dir(run_dir, str(meta["split"]))
+    final = film_scores_dir(run_dir, str(meta["split"]), str(meta.get("labels", RUN_LABELS)))
     with staged_dir(final) as out:
         write_results(out, results, per_image, meta)
     return final
