@@ -140,7 +140,7 @@ def output_stems(files: Sequence[Path]) -> list[str]:
 def overlay(film: np.ndarray, labels: np.ndarray, per_label: bool = False) -> np.ndarray:
     """The 8-bit film in colour with the mask's contour (one colour per vertebra when
     `per_label`) drawn on it, for a quick visual check of each prediction."""
-    from spineseg.data.datamodule import to_uint8
+    from spineseg.data.io import to_uint8
 
     canvas = cv2.cvtColor(to_uint8(film), cv2.COLOR_GRAY2BGR)
     thickness = max(1, round(max(labels.shape) / 400))

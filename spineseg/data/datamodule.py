@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from spineseg.data import geometry as G
 from spineseg.data import transforms as T
 from spineseg.data.cascade import CropSpec, check_stage1_split, crop_all
+from spineseg.data.io import to_uint8
 from spineseg.data.sample import Sample
 from spineseg.data.sources import build_spec
 from spineseg.data.splits import (
@@ -77,16 +78,6 @@ class Prepared:
         out = vertebra_labels(self.labels)
         out[self.binary] = 0
         return out
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """16-bit films are min-max scaled to 8 bits (DICOM windowing happens before)."""
-    if image.dtype == np.uint8:
-        return image
-    lo, hi = float(image.min()), float(image.max())
-    if hi <= lo:
-        return np.zeros(image.shape, np.uint8)
-    return np.round((image.astype(np.float32) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
 def working_film(

@@ -39,6 +39,16 @@ R = TypeVar("R")
 # ----------------------------------------------------------------------------- images
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """16-bit films are min-max scaled to 8 bits (DICOM windowing happens before)."""
+    if image.dtype == np.uint8:
+        return image
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        return np.zeros(image.shape, np.uint8)
+    return np.round((image.astype(np.float32) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
 def write_png(path: str | Path, array: np.ndarray) -> None:
     """`array` (8 or 16 bit, gray or BGR) as a PNG at `path`, atomically: a kill leaves the
     old file or the new one, never half of one."""

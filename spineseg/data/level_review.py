@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from spineseg.data.io import write_png
+from spineseg.data.io import to_uint8, write_png
 from spineseg.data.level_check import FilmCheck, LevelCheck, patient_groups, verdict
 from spineseg.data.sample import Sample
 from spineseg.names import LEVELS, TARGET_VALUES
@@ -56,8 +56,6 @@ def column_box(label: np.ndarray) -> tuple[int, int, int, int]:
 
 def panel(sample: Sample, title: str, caption: str) -> np.ndarray:
     """One film's column, PANEL_HEIGHT tall, its bodies outlined and named, with a title."""
-    from spineseg.data.datamodule import to_uint8
-
     top, bottom, left, right = column_box(sample.label)
     image = to_uint8(sample.image[top:bottom, left:right])
     label = sample.label[top:bottom, left:right]
