@@ -9,6 +9,7 @@ UV := $(CURDIR)/.tools/bin/uv
 endif
 RUN := $(UV) run --no-sync
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto  # pytest-xdist workers for `make test` (1: one process, as before)
 
 # reproduce-paper knobs
 DATA ?= synthetic
@@ -36,14 +37,14 @@ $(CURDIR)/.tools/bin/uv:
 
 setup: .venv/.synced  ## install everything (uv sync --locked, with dev extras)
 
-test: setup  ## run the default test suite (CPU, < 10 min)
-	$(RUN) pytest -q -m "not slow and not readme" $(PYTEST_ARGS)
+test: setup  ## run the default test suite (CPU, < 10 min; one worker per core)
+	$(RUN) pytest -q -m "not slow and not readme" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-readme: setup  ## every shell command of README.md and docs/, as written, at tiny scale
 	$(RUN) pytest -q -m readme $(PYTEST_ARGS)
 
 test-all: setup  ## every test, including the slow end-to-end ones
-	$(RUN) pytest -q $(PYTEST_ARGS)
+	$(RUN) pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup  ## ruff
 	$(RUN) ruff check . && $(RUN) ruff format --check spineseg tests benchmarks
