@@ -16,8 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["config_hash", "config_identity", "identity_changes", "listed", "recorded_changes",
-           "recorded_config", "same_model"]  # fmt: skip
+__all__ = ["config_hash", "config_identity", "identity_changes", "input_digests", "listed",
+           "recorded_changes", "recorded_config", "same_model"]  # fmt: skip
 
 
 #: Config sections that define what a stored model *is*; others (logging, paths,
@@ -40,8 +40,32 @@ def config_identity(cfg: DictConfig) -> dict[str, Any]:
     return ident
 
 
+#: Identity options that name a file whose contents define the model: answers added to a
+#: reader's review.csv make another model, though the option still names the same file.
+FILE_KEYS = ("data.level_corrections", "data.external.level_corrections")
+
+
+def input_digests(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """What each set `FILE_KEYS` file says, as a digest and a count of films; the manifest
+    keeps it beside the config, which keeps only the path."""
+    from spineseg.data.level_check import read_corrections
+
+    out: dict[str, dict[str, Any]] = {}
+    for key in FILE_KEYS:
+        path = OmegaConf.select(cfg, key, default=None)
+        if path:
+            said = sorted(read_corrections(path).items())
+            blob = json.dumps(said).encode()
+            out[key] = {"sha256": hashlib.sha256(blob).hexdigest()[:16], "films": len(said)}
+    return out
+
+
 def config_hash(cfg: DictConfig) -> str:
-    blob = json.dumps(config_identity(cfg), sort_keys=True, default=str)
+    ident: dict[str, Any] = config_identity(cfg)
+    digests = input_digests(cfg)
+    if digests:  # absent otherwise, so that every earlier hash stays what it was
+        ident["inputs"] = digests
+    blob = json.dumps(ident, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -124,15 +148,32 @@ def same_model(manifest: dict[str, Any] | None, cfg: DictConfig, digest: str) ->
 
 
 def recorded_changes(manifest: dict[str, Any] | None, cfg: DictConfig) -> list[str] | None:
-    """`identity_changes` against a manifest's record; None when there is no record to read
-    (a manifest written by hand, or before records were kept): then nothing counts as same."""
+    """`identity_changes` against a manifest's record, and what its files said
+    (`input_digests`); None when there is no record to read (a manifest written by hand, or
+    before records were kept): then nothing counts as same."""
     recorded = (manifest or {}).get("config")
     if not isinstance(recorded, dict):
         return None
     try:
-        return identity_changes(recorded, cfg)
+        changes = identity_changes(recorded, cfg)
     except (KeyError, TypeError, ValueError, OmegaConfBaseException):
         return None
+    return changes + _input_changes((manifest or {}).get("inputs"), cfg)
+
+
+def _input_changes(recorded: Any, cfg: DictConfig) -> list[str]:
+    """A file that says something else now; a path set or unset is already a config change,
+    and a model recorded before digests were kept cannot be compared (it counts as same)."""
+    if not isinstance(recorded, dict):
+        return []
+    now = input_digests(cfg)
+    changes = []
+    for key in sorted(recorded.keys() & now.keys()):
+        before, after = recorded[key], now[key]
+        if not isinstance(before, dict) or before.get("sha256") != after["sha256"]:
+            films = before.get("films") if isinstance(before, dict) else None
+            changes.append(f"{key}: what the file says changed ({films} -> {after['films']} films)")
+    return changes
 
 
 def recorded_config(cfg: DictConfig) -> dict[str, Any]:

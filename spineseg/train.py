@@ -26,7 +26,14 @@ from spineseg.data.datamodule import SpineDataModule
 from spineseg.ensemble import tta as TTA
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import RefusedError
-from spineseg.identity import config_hash, listed, recorded_changes, recorded_config, same_model
+from spineseg.identity import (
+    config_hash,
+    input_digests,
+    listed,
+    recorded_changes,
+    recorded_config,
+    same_model,
+)
 from spineseg.models.module import SegmentationModule
 from spineseg.names import EXTERNAL, STORED_TARGET, TEST, VAL
 from spineseg.utils.io import file_digest, hold_lock
@@ -193,6 +200,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "target": dm.target,
         "config": recorded_config(cfg),
         "config_hash": digest,
+        "inputs": input_digests(cfg),
         "splits": dm.split_names,
         "started_at": _now(),
         "error": None,

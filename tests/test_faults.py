@@ -111,6 +111,39 @@ def test_an_option_added_by_an_upgrade_keeps_the_finished_model(finished, tmp_pa
     ]  # fmt: skip
 
 
+def test_answers_added_to_the_same_corrections_file_make_another_model(finished, tmp_path):
+    """data.level_corrections names a file a reader keeps filling in: the model is what the
+    file says, so a rerun after new answers is another config (refused, saying why), while a
+    record from before digests were kept still counts as the same model."""
+    from spineseg.identity import (
+        config_hash,
+        input_digests,
+        recorded_changes,
+        recorded_config,
+        same_model,
+    )
+
+    manifest = json.loads(
+        (finished / "out/faults/default/predictions/unet_lite0/manifest.json").read_text()
+    )
+    assert manifest["inputs"] == {}  # train() records what the files said (none here)
+    review = tmp_path / "review.csv"
+    review.write_text("patient,id,offset,expert_offset\np,a,1,1\np,b,-1,\n")
+    cfg = _cfg(tmp_path, f"data.level_corrections={review}")
+    trained = {"config": recorded_config(cfg), "config_hash": config_hash(cfg),
+               "inputs": input_digests(cfg)}  # fmt: skip
+    assert trained["inputs"]["data.level_corrections"]["films"] == 1
+    assert same_model(trained, cfg, config_hash(cfg))
+    review.write_text("patient,id,offset,expert_offset\np,a,1,1\np,b,-1,-1\n")  # b answered
+    assert not same_model(trained, cfg, config_hash(cfg))
+    assert recorded_changes(trained, cfg) == [
+        "data.level_corrections: what the file says changed (1 -> 2 films)"
+    ]
+    older = {**trained, "config_hash": "an-older-package"}
+    del older["inputs"]
+    assert same_model(older, cfg, config_hash(cfg))
+
+
 def test_only_a_model_with_something_to_lose_refuses_another_config(tmp_path: Path) -> None:
     """A finished model or one with a checkpoint is kept from another config; an attempt that
     stopped before its first checkpoint (the optimiser refused a value) lets the corrected

@@ -5,7 +5,7 @@ Layout under ``<run_dir>/predictions/``::
 
     <model>/<split>.npz     probs float16 (N,C,H,W) in [0,1]; ids (N,) str   (split: val|test|external)
     <model>/manifest.json   {"model", "status": running|complete|failed|interrupted,
-                             "preset", "target", "config", "config_hash", "checkpoint", "val_metrics", "splits",
+                             "preset", "target", "config", "config_hash", "inputs", "checkpoint", "val_metrics", "splits",
                              "error", "started_at", "finished_at", "elapsed_s"}
     _truth/<split>.npz      masks uint8 (N,H,W) at working resolution; ids (N,) str;
                             optional images uint8 (N,H,W) (film for overlays) and
