@@ -4,6 +4,7 @@ weight is loaded (and before a sweep of 20 models starts, not after it)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,37 @@ def check_run(cfg: DictConfig) -> None:
     check_roots(cfg.data)
     if cfg.get("ensemble") is not None:
         ensemble_config(cfg.ensemble)
+
+
+#: `trainer.accelerator` values that need a CUDA GPU (Lightning's names for it).
+CUDA_ACCELERATORS = ("gpu", "cuda")
+
+
+def require_cuda(option: str, instead: str) -> None:
+    """`option` asks for a CUDA GPU: without one, one line that tells a CPU-only torch build
+    (reinstall) from a machine or job that sees no GPU, and what to use `instead`."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is a CPU-only build"
+    else:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        why = f"torch (CUDA {torch.version.cuda}) sees no GPU (CUDA_VISIBLE_DEVICES={visible})"
+    raise ConfigError(f"{option} needs a CUDA GPU, and {why}: {instead}")
+
+
+def check_device(cfg: DictConfig) -> None:
+    """`trainer=gpu` or `ddp` where torch sees no GPU stops before any film is decoded. Run
+    where the job trains: a sweep submitted to a cluster from a login node without a GPU is
+    not checked here (the launcher decides, see SweepGuard)."""
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")).lower()
+    if accelerator in CUDA_ACCELERATORS:
+        require_cuda(
+            f"trainer.accelerator={accelerator}",
+            "use trainer=cpu, or run on a GPU machine (hydra/launcher=slurm submits there)",
+        )
 
 
 def check_roots(data: DictConfig) -> None:

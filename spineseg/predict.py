@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from spineseg.checks import require_cuda
 from spineseg.data import geometry as G
 from spineseg.data.cascade import Box, CropSpec, predicted_crop
 from spineseg.ensemble import rules, voting
@@ -92,8 +93,8 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.split(":")[0] not in DEVICES[1:]:
         raise ConfigError(choices_message("device", device, list(DEVICES)))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device} but no CUDA device is available; use device=cpu")
+    if device.startswith("cuda"):
+        require_cuda(f"device={device}", "use device=cpu")
     return torch.device(device)
 
 

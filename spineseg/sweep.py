@@ -4,6 +4,7 @@ clash); after it, which models completed, which failed and why."""
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from spineseg.checks import check_run
+from spineseg.checks import check_device, check_run
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import ConfigError
 from spineseg.utils.io import atomic_write_json, atomic_write_text
@@ -139,11 +140,27 @@ class SweepGuard(Callback):
                 "ground truths (films, split, size or target), which one run's store cannot "
                 "hold; sweep them as separate runs (run=...)"
             )
+        here = jobs_run_here(config)
+        if not here and shutil.which("srun") is None:
+            _refuse(
+                "hydra/launcher=slurm submits to a SLURM cluster, and this machine has no srun: "
+                "start the sweep on the cluster's login node, or run it here with "
+                "hydra/launcher=basic (or local_parallel)"
+            )
         for _, _, overrides, job in jobs:
             try:
                 check_run(job)  # a typo in any job stops the sweep before the first one runs
+                if here:
+                    check_device(job)
             except ConfigError as err:
                 _refuse(f"job '{' '.join(x for x in overrides if x not in common)}': {err}")
+
+
+def jobs_run_here(config: DictConfig) -> bool:
+    """Whether the launcher runs the jobs on this machine (basic, local_parallel, submitit's
+    local) rather than on a cluster's nodes, whose GPUs a login node does not have."""
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+    return not launcher.endswith("SlurmLauncher")
 
 
 def _refuse(message: str) -> None:

@@ -20,7 +20,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from spineseg.checks import check_run
+from spineseg.checks import check_device, check_run
 from spineseg.config import construct, instantiate_node
 from spineseg.data.datamodule import SpineDataModule
 from spineseg.ensemble import tta as TTA
@@ -161,6 +161,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if rank_zero_only.rank == 0 and str(job_dir) not in _LOCKS:  # one writer per job folder
         _LOCKS[str(job_dir)] = hold_lock(job_dir, f"a training of {name!r}")
     check_run(cfg)  # a typo stops here, before any film is decoded
+    check_device(cfg)
     store = PredictionStore(run_dir)
     digest = config_hash(cfg)
     manifest = store.read_manifest(name)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from spineseg.errors import RefusedError
 from spineseg.train import _LOCKS, train
@@ -634,6 +635,64 @@ def test_a_dataset_folder_that_does_not_exist_is_one_line_before_anything_runs(
         f"data.level_corrections=review.csv is not a file (a relative path is read from "
         f"{tmp_path}); write it with spineseg-validate-data review=<dir> or level_offsets=<csv>"
     )
+
+
+def test_a_gpu_sweep_without_a_gpu_is_one_line_before_anything_runs(tmp_path: Path) -> None:
+    """trainer=gpu on a machine whose torch sees no GPU stops the sweep before the first job
+    (not one Lightning error per job); a cluster launcher started where SLURM is absent says
+    so, instead of submitit's traceback."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PATH": str(Path(sys.executable).parent)}
+
+    def sweep(*extra: str) -> list[str]:
+        cmd = [sys.executable, "-m", "spineseg.cli.train", "-m", *TINY, "name=faults",
+               f"paths.output_dir={tmp_path / 'out'}", "model=unet_lite0,fpn_lite0", *extra]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+        assert res.returncode == 1
+        return res.stderr.strip().splitlines()
+
+    (line,) = sweep("trainer=gpu")
+    assert line.startswith(
+        "error: job 'model=unet_lite0': trainer.accelerator=gpu needs a CUDA GPU, and "
+    ) and line.endswith(
+        "use trainer=cpu, or run on a GPU machine (hydra/launcher=slurm submits there) "
+        "(nothing was run)"
+    )
+    assert sweep("trainer=gpu", "hydra/launcher=slurm") == [
+        "error: hydra/launcher=slurm submits to a SLURM cluster, and this machine has no srun: "
+        "start the sweep on the cluster's login node, or run it here with hydra/launcher=basic "
+        "(or local_parallel) (nothing was run)"
+    ]  # the device is not checked: the cluster's nodes have the GPUs
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.ckpt"))
+
+
+def test_asking_for_cuda_without_it_tells_a_cpu_build_from_a_hidden_gpu(monkeypatch) -> None:
+    import torch
+
+    from spineseg.checks import check_device
+    from spineseg.errors import ConfigError
+    from spineseg.predict import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ConfigError, match=r"^device=cuda:1 needs a CUDA GPU, and this torch "
+                       r"\(.+\) is a CPU-only build: use device=cpu$"):  # fmt: skip
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError, match=r"^trainer.accelerator=cuda needs a CUDA GPU, and torch "
+                       r"\(CUDA 12.4\) sees no GPU \(CUDA_VISIBLE_DEVICES=\): use trainer=cpu"):  # fmt: skip
+        check_device(OmegaConf.create({"trainer": {"accelerator": "cuda"}}))
+    for fine in ("cpu", "auto"):
+        check_device(OmegaConf.create({"trainer": {"accelerator": fine}}))
+
+
+def test_only_a_cluster_launcher_runs_its_jobs_elsewhere(compose_train) -> None:
+    from spineseg.sweep import jobs_run_here
+
+    assert jobs_run_here(compose_train(hydra_cfg=True))
+    for here in ("local_parallel", "submitit_local"):
+        assert jobs_run_here(compose_train(f"hydra/launcher={here}", hydra_cfg=True))
+    assert not jobs_run_here(compose_train("hydra/launcher=slurm", hydra_cfg=True))
 
 
 def test_a_sweep_with_one_bad_job_is_refused_before_the_first_runs(tmp_path: Path) -> None:
