@@ -168,6 +168,19 @@ def test_mask_without_image(dataset):
     expect_error(dataset, "masks/zzz.png", "no matching image")
 
 
+def test_masks_named_with_a_suffix_are_named_in_both_errors(dataset):
+    """`<id>_mask.png` (a common public naming) is not guessed at, but both the image's and
+    the mask's error say which file belongs to which, and how to pair them."""
+    (dataset / "masks/c.png").rename(dataset / "masks/c_mask.png")
+    err = expect_error(dataset, "images/c.jpg", "missing mask")
+    how = "a mask takes its image's name, masks/<id>.png, or manifest.csv pairs them"
+    assert err.problem.endswith(f"(c_mask.png? {how})")
+    skipped: list = []
+    folder_source(root=dataset, on_error="skip", skipped=skipped)
+    (problem,) = [p for path, p in skipped if path.endswith("masks/c_mask.png")]
+    assert problem.endswith(f"no matching image images/c_mask.* (the mask of c.jpg? {how})")
+
+
 def test_mask_size_differs_from_image(dataset):
     write(dataset / "masks/c.png", np.ones((H + 1, W), np.uint8))
     err = expect_error(dataset, "masks/c.png", "differs from image size")

@@ -173,17 +173,34 @@ def _listed_entries(root: Path, on_error: str, skipped: list | None) -> list[Ent
     images = _by_stem(images_dir, is_image_file, IMAGE_EXTENSIONS, on_error, skipped)
     masks = _by_stem(masks_dir, _is_mask_file, MASK_EXTENSIONS, on_error, skipped)
     entries = []
+    unpaired = sorted(set(masks) - set(images))
     for stem, image in sorted(images.items()):
         mask = masks.get(stem)
         if mask is None:
-            err = DataError(image, f"missing mask: no masks/{stem}.png (or .tif) for this image")
+            like = _named_after(stem, unpaired)
+            hint = f" ({masks[like].name}? {_RENAME})" if like else ""
+            err = DataError(image, f"missing mask: no masks/{stem}.png (or .tif){hint}")
             handle_error(err, on_error, skipped)
             continue
         entries.append(Entry(id=stem, image=image, mask=mask, patient_id=stem))
-    for stem in sorted(set(masks) - set(images)):
-        err = DataError(masks[stem], f"mask has no matching image images/{stem}.*")
+    for stem in unpaired:
+        like = next((i for i in images if _named_after(i, [stem])), None)
+        hint = f" (the mask of {images[like].name}? {_RENAME})" if like else ""
+        err = DataError(masks[stem], f"mask has no matching image images/{stem}.*{hint}")
         handle_error(err, on_error, skipped)
     return entries
+
+
+_RENAME = "a mask takes its image's name, masks/<id>.png, or manifest.csv pairs them"
+
+
+def _named_after(stem: str, candidates: list[str]) -> str | None:
+    """A mask stem that is `stem` plus a suffix (`<id>_mask`, `<id>-seg`, `<id>.label`): the
+    naming of many public datasets, which the listing does not guess at but names."""
+    for other in candidates:
+        if len(other) > len(stem) + 1 and other.startswith(stem) and other[len(stem)] in "_-. ":
+            return other
+    return None
 
 
 def _is_mask_file(path: Path) -> bool:
