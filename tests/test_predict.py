@@ -331,7 +331,7 @@ def test_the_probability_map_is_written_and_a_small_film_is_flagged(tmp_path, ru
     assert prob.dtype == np.uint16 and prob.shape == (150, 70)
     expected = load_ensemble(run_dir).predict(cv2.imread(str(src / "big.png"), 0)).probability
     np.testing.assert_allclose(prob / 65535, expected, atol=1 / 65535)
-    assert "tiny.png: 40x30 film is smaller than the working resolution 64x64" in (
+    assert "tiny.png: 40x30 film (HxW) is smaller than the working resolution 64x64" in (
         capsys.readouterr().err
     )
     with open(out / "predictions.csv") as fh:

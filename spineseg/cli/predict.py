@@ -231,8 +231,8 @@ def run(opts: DictConfig) -> tuple[int, int, float]:
         if h < wh or w < ww:  # upsampled: whatever it shows, the detail is not in the film
             why = [*why, "smaller than the working resolution"]
             tqdm.write(
-                f"warning: {path.name}: {h}x{w} film is smaller than the working resolution "
-                f"{wh}x{ww}; upsampled and flagged",
+                f"warning: {path.name}: {h}x{w} film (HxW) is smaller than the working "
+                f"resolution {wh}x{ww}; upsampled and flagged",
                 file=sys.stderr,
             )
         reasons = "; ".join(why)
