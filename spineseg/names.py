@@ -36,6 +36,9 @@ DEFAULT_MASK_LEVELS: tuple[str, ...] = TARGET_LEVELS
 MAX_LABEL = NUM_TARGET
 
 # ---------------------------------------------------------------------- a run directory
+#: The prediction store (every model's probabilities and the truth): what makes a folder a
+#: run directory.
+PREDICTIONS_DIR = "predictions"
 #: `spineseg-ensemble`'s output set (swapped in whole), relative to the run directory.
 ENSEMBLE_DIR = "ensemble"
 #: What it chose on validation (models, weights, thresholds, ...): what predict, export

@@ -29,8 +29,8 @@ from spineseg.ensemble import tta as TTA
 from spineseg.ensemble.calibration import scaled
 from spineseg.ensemble.quality import Limits
 from spineseg.errors import ConfigError, DataError, StoreError, choices_message
-from spineseg.names import CALIBRATION, QUALITY, SELECTION, STORED_TARGET
-from spineseg.utils.paths import rebased
+from spineseg.names import CALIBRATION, PREDICTIONS_DIR, QUALITY, SELECTION, STORED_TARGET
+from spineseg.utils.paths import not_a_run, rebased
 
 if TYPE_CHECKING:  # Lightning takes ~10 s to import: only once the run dir checks out
     from spineseg.models.module import SegmentationModule
@@ -328,8 +328,9 @@ def load_ensemble(
     from `spineseg.ensemble.postprocess.POSTPROCESS`."""
     run_dir = Path(run_dir)
     rules.get(rule)
-    if not run_dir.is_dir():
-        raise StoreError(f"run_dir {run_dir} does not exist")
+    problem = not_a_run(run_dir)
+    if problem:
+        raise StoreError(problem)
     sel_path = run_dir / SELECTION
     if not sel_path.is_file():
         raise StoreError(
@@ -352,7 +353,7 @@ def load_ensemble(
     checkpoints = []
     recorded_run_dir = None
     for name in names:
-        man_path = run_dir / "predictions" / str(name) / "manifest.json"
+        man_path = run_dir / PREDICTIONS_DIR / str(name) / "manifest.json"
         if not man_path.is_file():
             raise StoreError(f"{man_path} does not exist: selected model {name!r} has no manifest")
         manifest = read_json_object(man_path, "manifest")

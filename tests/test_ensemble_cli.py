@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pandas as pd
 import pytest
 from ensemble_fixtures import make_store
@@ -70,6 +72,36 @@ def test_cli_bad_run_dir_is_one_line(tmp_path, capsys, restore_logging):
     assert err.strip().splitlines() == [f"error: run_dir {tmp_path / 'nope'} does not exist"]
     assert "Traceback" not in err
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_folder_beside_the_run_points_at_it(tmp_path, capsys, restore_logging):
+    """A job, store or ensemble folder given as run_dir names the run it lies in; a
+    name's folder (outputs/<name>) names the runs below it. Every command reads run
+    directories the same way (spineseg.utils.paths.not_a_run)."""
+    from spineseg.cli.predict import main as predict
+    from spineseg.utils.paths import not_a_run
+
+    run = tmp_path / "outputs" / "study" / "main"
+    make_store(run, models=("m0",), sizes={"val": 2, "test": 2})
+    (run / "jobs" / "m0").mkdir(parents=True)
+    assert not_a_run(run) is None
+    for inside in (run / "predictions", run / "jobs" / "m0"):
+        code, err = _in_process(f"run_dir={inside}", capsys=capsys)
+        assert code == 1 and err.strip().splitlines() == [
+            f"error: {inside / 'predictions'} does not exist: no predictions in run_dir "
+            f"{inside}; it lies inside the run {run}: run_dir={run}"
+        ]
+    (tmp_path / "outputs" / "study" / "other" / "predictions").mkdir(parents=True)
+    above = tmp_path / "outputs"
+    films = tmp_path / "films"
+    films.mkdir()
+    cv2.imwrite(str(films / "a.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(SystemExit, match="1"):
+        predict([f"run_dir={above}", f"input={films}", f"output={tmp_path / 'o'}"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {above / 'predictions'} does not exist: no predictions in run_dir {above}; "
+        f"runs below it: run_dir={run} (or one of 1 more)"
+    ]
 
 
 def test_cli_bad_option_is_one_line(tmp_path, capsys, restore_logging):

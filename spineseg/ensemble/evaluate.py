@@ -51,6 +51,7 @@ from spineseg.errors import ConfigError, StoreError, choices_message
 from spineseg.names import BEST, ENSEMBLE_DIR, POST_SEP, VAL, model_method, post_method
 from spineseg.names import STORED_SPLITS as SPLITS
 from spineseg.utils.io import staged_dir
+from spineseg.utils.paths import not_a_run
 
 log = logging.getLogger(__name__)
 
@@ -461,13 +462,10 @@ def run_ensemble(run_dir: str | Path, cfg: Any = None) -> pd.DataFrame:
 
 
 def open_store(run_dir: str | Path) -> PredictionStore:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise StoreError(f"run_dir {run_dir} does not exist")
-    store = PredictionStore(run_dir)
-    if not store.root.is_dir():
-        raise StoreError(f"{store.root} does not exist: no predictions in run_dir {run_dir}")
-    return store
+    problem = not_a_run(run_dir)
+    if problem:
+        raise StoreError(problem)
+    return PredictionStore(run_dir)
 
 
 def compute(store: PredictionStore, candidates: list[str], opts: dict[str, Any]) -> EnsembleSummary:

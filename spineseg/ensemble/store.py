@@ -40,7 +40,7 @@ import torch
 from spineseg.ensemble.npz import member_names, read_ids, read_member, read_rows, read_rows_into
 from spineseg.ensemble.tta import suffix as tta_suffix
 from spineseg.errors import StoreError
-from spineseg.names import MAX_LABEL
+from spineseg.names import MAX_LABEL, PREDICTIONS_DIR
 from spineseg.names import STORED_SPLITS as SPLITS
 from spineseg.utils.io import atomic_savez, atomic_write_json, file_digest
 
@@ -105,7 +105,7 @@ class PredictionStore:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        self.root = self.run_dir / "predictions"
+        self.root = self.run_dir / PREDICTIONS_DIR
 
     def __repr__(self) -> str:
         return f"PredictionStore({str(self.run_dir)!r})"

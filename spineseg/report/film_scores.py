@@ -42,12 +42,14 @@ from spineseg.names import (
     CHANNELS,
     EXTERNAL,
     FILM_SCORES_DIR,
+    PREDICTIONS_DIR,
     SELECTION,
     STORED_SPLITS,
     TRAIN,
     post_method,
 )
 from spineseg.report.outputs import write_results
+from spineseg.utils.paths import not_a_run
 
 if TYPE_CHECKING:
     from spineseg.data.level_check import FilmCheck
@@ -72,7 +74,7 @@ def _read_json(path: Path, what: str, missing: str) -> dict[str, Any]:
 def run_data(run_dir: Path, selection: dict[str, Any]) -> dict[str, Any]:
     """The selected models' `data` config, as training recorded it in the manifest."""
     name = selection["models"][0]
-    path = run_dir / "predictions" / str(name) / "manifest.json"
+    path = run_dir / PREDICTIONS_DIR / str(name) / "manifest.json"
     manifest = _read_json(path, "manifest", f"selected model {name!r} has no manifest")
     data = (manifest.get("config") or {}).get("data")
     if not isinstance(data, dict):
@@ -111,6 +113,9 @@ def held_out_films(
     run_dir = Path(run_dir)
     if split not in STORED_SPLITS:
         raise ConfigError(choices_message("split", split, list(STORED_SPLITS)))
+    problem = not_a_run(run_dir)
+    if problem:
+        raise StoreError(problem)
     selection = _read_json(
         run_dir / SELECTION, "selection", f"run `spineseg-ensemble run_dir={run_dir}` first"
     )

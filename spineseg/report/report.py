@@ -23,10 +23,11 @@ from matplotlib.figure import Figure
 
 from spineseg.ensemble.store import PredictionStore
 from spineseg.errors import SpinesegError, StoreError
-from spineseg.names import ENSEMBLE_DIR, SELECTION, STORED_SPLITS
+from spineseg.names import ENSEMBLE_DIR, PREDICTIONS_DIR, SELECTION, STORED_SPLITS
 from spineseg.report import figures as figs
 from spineseg.report.tables import fmt, level_text, num, rule_rows, rules_table
 from spineseg.utils.io import atomic_open, atomic_write_text, staged_dir
+from spineseg.utils.paths import not_a_run
 
 SELECTED_COLOR = "#d62728"
 OTHER_COLOR = "#c6dbef"
@@ -120,7 +121,7 @@ def load_ablation(run_dir: str | Path, main_models: pd.DataFrame | None = None) 
     subs = [p for p in root.glob("augment-*") if p.is_dir()]
     for sub in sorted(subs, key=lambda p: (p.name != "augment-none", p.name)):  # off first
         value = sub.name.removeprefix("augment-")
-        if not (sub / "predictions").is_dir():
+        if not (sub / PREDICTIONS_DIR).is_dir():
             rows.append({"augment": value, "model": "-", "status": "no predictions"})
             continue
         for _, r in load_models(sub).iterrows():
@@ -178,10 +179,9 @@ def _check_one_set(ens: Path, selection: dict | None, results: dict) -> None:
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory; raises ReportError when there is nothing to report."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReportError(f"run_dir {run_dir} does not exist")
-    if not (run_dir / "predictions").is_dir():
-        raise ReportError(f"{run_dir / 'predictions'} does not exist: no predictions in {run_dir}")
+    problem = not_a_run(run_dir)
+    if problem:
+        raise ReportError(problem)
     notes: list[str] = []
     ens = run_dir / ENSEMBLE_DIR
     selection = _read_json(run_dir / SELECTION) if (run_dir / SELECTION).is_file() else None

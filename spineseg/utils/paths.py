@@ -22,3 +22,27 @@ def rebased(path: str | Path, recorded_root: str | Path | None, root: str | Path
         if parts[i : i + len(r)] == r:
             return Path(root, *parts[i + len(r) :])
     return p
+
+
+def not_a_run(run_dir: str | Path) -> str | None:
+    """Why `run_dir` is not a run directory (missing, or no prediction store), pointing at
+    the run it lies inside (a job, store or ensemble folder given instead) or the runs below
+    it (a name's folder given instead); None when it is one."""
+    from spineseg.names import PREDICTIONS_DIR
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return f"run_dir {run_dir} does not exist"
+    if (run_dir / PREDICTIONS_DIR).is_dir():
+        return None
+    problem = f"{run_dir / PREDICTIONS_DIR} does not exist: no predictions in run_dir {run_dir}"
+    inside = next((p for p in run_dir.parents if (p / PREDICTIONS_DIR).is_dir()), None)
+    if inside is not None:
+        return f"{problem}; it lies inside the run {inside}: run_dir={inside}"
+    below = sorted(
+        p.parent for depth in ("*", "*/*") for p in run_dir.glob(f"{depth}/{PREDICTIONS_DIR}")
+    )
+    if below:
+        more = f" (or one of {len(below) - 1} more)" if len(below) > 1 else ""
+        return f"{problem}; runs below it: run_dir={below[0]}{more}"
+    return problem
