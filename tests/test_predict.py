@@ -124,8 +124,11 @@ def test_vertebrae_letterbox_labels_are_argmax_of_mapped_scores(tmp_path):
 
 
 def test_missing_selection_and_checkpoint_are_store_errors(tmp_path, run_dir):
-    with pytest.raises(StoreError, match="spineseg-ensemble"):
-        load_ensemble(tmp_path)
+    with pytest.raises(StoreError, match="no predictions in run_dir"):
+        load_ensemble(tmp_path)  # not a run at all
+    (tmp_path / "trained" / "predictions").mkdir(parents=True)
+    with pytest.raises(StoreError, match="run `spineseg-ensemble run_dir=.*trained` first"):
+        load_ensemble(tmp_path / "trained")  # trained, not ensembled
     broken = make_run(tmp_path / "broken")
     (broken / "jobs" / "m1" / "best.ckpt").unlink()
     with pytest.raises(StoreError, match=r"checkpoint .* does not exist"):
