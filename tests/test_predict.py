@@ -127,7 +127,7 @@ def test_missing_selection_and_checkpoint_are_store_errors(tmp_path, run_dir):
     with pytest.raises(StoreError, match="no predictions in run_dir"):
         load_ensemble(tmp_path)  # not a run at all
     (tmp_path / "trained" / "predictions").mkdir(parents=True)
-    with pytest.raises(StoreError, match="run `spineseg-ensemble run_dir=.*trained` first"):
+    with pytest.raises(StoreError, match=r"run `spineseg-ensemble run_dir=.*trained` first"):
         load_ensemble(tmp_path / "trained")  # trained, not ensembled
     broken = make_run(tmp_path / "broken")
     (broken / "jobs" / "m1" / "best.ckpt").unlink()
