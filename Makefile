@@ -9,7 +9,8 @@ UV := $(CURDIR)/.tools/bin/uv
 endif
 RUN := $(UV) run --no-sync
 PYTEST_ARGS ?=
-TEST_WORKERS ?= auto  # pytest-xdist workers for `make test` (1: one process, as before)
+# pytest-xdist workers for `make test` and `make test-all` (1: one process)
+TEST_WORKERS ?= auto
 
 # reproduce-paper knobs
 DATA ?= synthetic

@@ -87,9 +87,9 @@ def require_cuda(option: str, instead: str) -> None:
 
 
 def check_device(cfg: DictConfig) -> None:
-    """`trainer=gpu` or `ddp` where torch sees no GPU stops before any film is decoded. Run
-    where the job trains: a sweep submitted to a cluster from a login node without a GPU is
-    not checked here (the launcher decides, see SweepGuard)."""
+    """`trainer=gpu` or `ddp` where torch sees no GPU stops before any film is decoded. It
+    runs where the job trains; SweepGuard runs it before a sweep only when the launcher runs
+    the jobs on this machine, never on a cluster's login node."""
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")).lower()
     if accelerator in CUDA_ACCELERATORS:
         require_cuda(
